@@ -1,0 +1,182 @@
+"""Adapter files in the layout Hugging Face PEFT reads and writes.
+
+One adapter = one folder with `adapter_config.json` and `adapter_model.safetensors`.
+Keys are `base_model.model.<module path>.<param>` with the adapter name left out, e.g.
+`base_model.model.h.0.attn.c_attn.lora_A.weight`, `...wte.lora_embedding_A`,
+`...c_attn.base_layer.bias` (bias="lora_only"), `...ln_f.weight` (modules_to_save).
+The adapter "default" goes in the folder itself, any other adapter in a sub-folder of
+its name (PEFT's `save_pretrained` rule).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import LoRAConfig
+from .inject import CONFIG_ATTR, apply_lora, lora_layers, modules_to_save_names
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def adapter_tensors(model: nn.Module, adapter_name: str, config: LoRAConfig) -> dict[str, torch.Tensor]:
+    """The live tensors that belong in the file of one adapter, by file key (without PREFIX)."""
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in lora_layers(model):
+        if adapter_name not in layer.r:
+            continue
+        for dict_name in layer.adapter_dict_names:
+            obj = getattr(layer, dict_name)[adapter_name]
+            if isinstance(obj, nn.Parameter):
+                out[f"{path}.{dict_name}"] = obj
+            else:
+                for key, t in obj.state_dict(keep_vars=True).items():
+                    out[f"{path}.{dict_name}.{key}"] = t
+        if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+            out[f"{path}.base_layer.bias"] = layer.base_layer.bias
+    if config.bias == "all":
+        out.update({n: p for n, p in model.named_parameters() if n.endswith("bias")})
+    for name in modules_to_save_names(model, config):
+        for key, t in model.get_submodule(name).state_dict(keep_vars=True).items():
+            out[f"{name}.{key}"] = t
+    return out
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _adapter_dir(directory: Path, adapter_name: str) -> Path:
+    return directory if adapter_name == "default" else directory / adapter_name
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str] | None = None) -> list[Path]:
+    """Write each adapter's `adapter_config.json` and `adapter_model.safetensors` (atomically).
+
+    Returns the folders written ("default" in `directory`, others in `directory/<name>`).
+    """
+    configs: dict[str, LoRAConfig] = getattr(model, CONFIG_ATTR, None) or {}
+    if not configs:
+        raise ValueError("model has no LoRA adapters to save (call apply_lora or load_adapter first)")
+    names = list(configs) if adapter_names is None else list(adapter_names)
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        raise ValueError(f"adapter_names {unknown} not found; the model has {sorted(configs)}")
+    written = []
+    for name in names:
+        folder = _adapter_dir(Path(directory), name)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {PREFIX + k: t.detach().to("cpu").contiguous().clone()
+                   for k, t in adapter_tensors(model, name, configs[name]).items()}
+        config_text = json.dumps(configs[name].to_peft_dict(), indent=2, sort_keys=True)
+        _atomic_write(folder / WEIGHTS_NAME, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+        _atomic_write(folder / CONFIG_NAME, lambda tmp, s=config_text: Path(tmp).write_text(s + "\n"))
+        written.append(folder)
+    return written
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """Read one adapter folder: (config, tensors by file key without PREFIX)."""
+    directory = Path(directory)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} not found")
+    config = LoRAConfig.from_peft_dict(json.loads((directory / CONFIG_NAME).read_text()))
+    raw = load_file(str(directory / WEIGHTS_NAME))
+    tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
+    return config, tensors
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {"layers": {n: (layer, list(layer.r), list(layer.active_adapters)) for n, layer in lora_layers(model)},
+            "grad": {id(p): p.requires_grad for p in model.parameters()},
+            "configs": dict(getattr(model, CONFIG_ATTR, None) or {})}
+
+
+def _restore(model: nn.Module, snap: dict) -> None:
+    for name, layer in list(lora_layers(model)):
+        if name not in snap["layers"]:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, layer.base_layer)
+            continue
+        _, names, active = snap["layers"][name]
+        for extra in [n for n in layer.r if n not in names]:
+            layer.delete_adapter(extra)
+        layer.active_adapters = active
+    for p in model.parameters():
+        if id(p) in snap["grad"]:
+            p.requires_grad_(snap["grad"][id(p)])
+    if snap["configs"]:
+        setattr(model, CONFIG_ATTR, snap["configs"])
+    elif hasattr(model, CONFIG_ATTR):
+        delattr(model, CONFIG_ATTR)
+
+
+def _check(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], directory: Path) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in sorted(set(expected) & set(found)) if found[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    if wrong:
+        problems.append(f"wrong shapes {wrong}")
+    if problems:
+        raise ValueError(f"adapter in {directory} does not fit the model: " + "; ".join(problems))
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
+                 is_trainable: bool = False) -> list[str]:
+    """Load an adapter folder (ours or one written by PEFT for the same model).
+
+    If the model has no adapter called `adapter_name`, it is added first (as `apply_lora`
+    with the file's config). Keys and shapes are checked before anything is copied; on
+    any mismatch a ValueError names the keys and the model is left as it was.
+
+    Returns the qualified names of the layers that carry the adapter.
+    """
+    directory = Path(directory)
+    config, found = read_adapter(directory)
+    snap = _snapshot(model)
+    try:
+        if adapter_name not in snap["configs"]:
+            apply_lora(model, config, adapter_name=adapter_name)
+            if not is_trainable:  # inference: the new adapter is frozen, the rest as it was
+                for p in model.parameters():
+                    p.requires_grad_(snap["grad"].get(id(p), False))
+        merged = [path for path, layer in lora_layers(model) if adapter_name in layer.merged_adapters]
+        if merged:
+            raise ValueError(f"adapter {adapter_name!r} is merged in {merged}; unmerge() before loading")
+        expected = adapter_tensors(model, adapter_name, config)
+        _check(expected, found, directory)
+    except BaseException:
+        _restore(model, snap)
+        raise
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(found[key])
+    names = []
+    for path, layer in lora_layers(model):
+        if adapter_name in layer.r:
+            _, alpha = config.rank_and_alpha(path)
+            layer.set_scale(adapter_name, alpha, config.rslora)
+            names.append(path)
+    return names

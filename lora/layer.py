@@ -1,0 +1,361 @@
+"""LoRA layers: a frozen base layer plus one or more low-rank adapters.
+
+`h = base(x) + scaling * B(A(dropout(x)))` with `scaling = alpha / r` (LoRA sec. 4.1,
+Hu et al. 2021) or `alpha / sqrt(r)` (rsLoRA). B starts at zero so a fresh layer equals
+its base layer exactly (LoRA sec. 4.1: "zero initialization for B").
+
+Layout (the names of Hugging Face PEFT, so state dicts line up):
+`base_layer`, `lora_A[name]`, `lora_B[name]`, `lora_dropout[name]`, `r[name]`,
+`alpha[name]`, `scaling[name]`, `active_adapters`, `merged_adapters`.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import INIT_MODES, check_alpha, check_choice, check_dropout, check_rank, scaling_for
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's `transformers.pytorch_utils.Conv1D`: a linear layer whose weight is (in, out)."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
+        and module.weight.dim() == 2
+
+
+def _base_device_dtype(base: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device of the base layer and its floating dtype (float32 if it has none, e.g. 4-bit)."""
+    device, dtype = torch.device("cpu"), None
+    for t in list(base.parameters()) + list(base.buffers()):
+        device = t.device
+        if t.is_floating_point():
+            dtype = t.dtype
+            break
+    return device, dtype
+
+
+def _default_adapter_dtype(base_dtype: torch.dtype | None) -> torch.dtype:
+    """float32 adapters unless the base is float64: as PEFT's `autocast_adapter_dtype=True`,
+    half-precision bases get float32 adapters for stable optimizer updates."""
+    return torch.float64 if base_dtype == torch.float64 else torch.float32
+
+
+class LoRALayer(nn.Module):
+    """Adapter bookkeeping shared by `LoRALinear` and `LoRAEmbedding`.
+
+    Subclasses define `adapter_dict_names` (the containers keyed by adapter name),
+    `_create_adapter`, `get_delta_weight` and `forward`.
+    """
+
+    adapter_dict_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        if isinstance(base_layer, LoRALayer):
+            raise ValueError("base_layer is already a LoRA layer; add another adapter with add_adapter() instead")
+        if not isinstance(base_layer, nn.Module):
+            raise TypeError(f"base_layer must be an nn.Module, got {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+
+    # ----- adapter management -----
+    @property
+    def active_adapter(self) -> str | None:
+        return self.active_adapters[0] if self.active_adapters else None
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    def add_adapter(self, adapter_name: str = "default", r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                    rslora: bool = False, init: str = "kaiming", dtype: torch.dtype | None = None,
+                    activate: bool | None = None) -> None:
+        """Add a fresh adapter. It becomes active if it is the first one (or `activate=True`)."""
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+        if adapter_name in self.r:
+            raise ValueError(f"adapter_name {adapter_name!r} already exists on this layer; "
+                             "LoRA cannot be applied twice with the same adapter name")
+        check_rank(r)
+        check_alpha(alpha)
+        check_dropout(dropout)
+        check_choice("init", init, INIT_MODES)
+        device, base_dtype = _base_device_dtype(self.base_layer)
+        dtype = dtype or _default_adapter_dtype(base_dtype)
+        self._create_adapter(adapter_name, r, dropout, device, dtype)
+        self.r[adapter_name] = r
+        self.set_scale(adapter_name, alpha, rslora)
+        self.reset_adapter(adapter_name, init)
+        if activate or (activate is None and not self.active_adapters):
+            self.set_adapter(self.active_adapters + [adapter_name])
+
+    def set_scale(self, adapter_name: str, alpha: float, rslora: bool = False) -> None:
+        """Set `alpha` and `scaling = alpha / r` (or `alpha / sqrt(r)` with rsLoRA) of one adapter."""
+        check_alpha(alpha)
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before changing its scaling")
+        self.alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = scaling_for(self.r[adapter_name], alpha, rslora)
+
+    def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
+        """Make these adapters active (trainable, used in forward); the others inactive and frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.r]
+        if unknown:
+            raise ValueError(f"adapter_names {unknown} not found; this layer has {self.adapter_names}")
+        self.active_adapters = names
+        for dict_name in self.adapter_dict_names:
+            container = getattr(self, dict_name)
+            for name in self.r:
+                obj = container[name]
+                params = [obj] if isinstance(obj, nn.Parameter) else list(obj.parameters())
+                for p in params:
+                    p.requires_grad_(name in names)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove one adapter (it must not be merged)."""
+        if adapter_name not in self.r:
+            raise ValueError(f"adapter_name {adapter_name!r} not found; this layer has {self.adapter_names}")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before deleting it")
+        for dict_name in self.adapter_dict_names:
+            del getattr(self, dict_name)[adapter_name]
+        for d in (self.r, self.alpha, self.scaling):
+            del d[adapter_name]
+        if adapter_name in self.active_adapters:
+            self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+
+    # ----- merge -----
+    def base_weight(self) -> torch.Tensor:
+        """The float weight that merge writes into (overridden by layers without one)."""
+        weight = getattr(self.base_layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            raise TypeError(f"{type(self.base_layer).__name__} has no float weight to merge into")
+        return weight
+
+    def merge(self, safe_merge: bool = False, adapter_names: Iterable[str] | None = None) -> None:
+        """Add `scaling * B @ A` of the active (or given) adapters into the base weight, in place.
+
+        Idempotent: adapters already merged are skipped. With `safe_merge=True` the sum is
+        computed in a copy first and a non-finite result raises ValueError without writing.
+        """
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        for name in names:
+            if name not in self.r:
+                raise ValueError(f"adapter_names: {name!r} not found; this layer has {self.adapter_names}")
+            if name in self.merged_adapters:
+                continue
+            weight = self.base_weight()
+            merged = weight.data.to(torch.float32 if weight.dtype != torch.float64 else weight.dtype)
+            merged = merged + self.get_delta_weight(name).to(merged.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merging adapter {name!r} would write non-finite values into the base weight; "
+                                 "nothing was written")
+            weight.data.copy_(merged)
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter from the base weight again (no-op when nothing is merged)."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            weight = self.base_weight()
+            restored = weight.data.to(torch.float32 if weight.dtype != torch.float64 else weight.dtype)
+            weight.data.copy_(restored - self.get_delta_weight(name).to(restored.dtype))
+
+    def merge_and_unload(self, safe_merge: bool = False, adapter_names: Iterable[str] | None = None) -> nn.Module:
+        """Merge the active (or given) adapters and return the plain base layer."""
+        self.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        return self.base_layer
+
+    def _compute_dtype(self, t: torch.Tensor) -> torch.dtype:
+        return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class LoRALinear(LoRALayer):
+    """`h = base(x) + scaling * B(A(dropout(x)))` over any linear-like base layer.
+
+    Args:
+        in_features, out_features: sizes of the base `nn.Linear` created when `base_layer` is None.
+        r: rank of the update (LoRA sec. 4.1).
+        alpha: scaling numerator; `scaling = alpha / r` (or `alpha / sqrt(r)` with `rslora`).
+        dropout: dropout probability on the adapter input only.
+        bias: whether the created base `nn.Linear` has a bias.
+        base_layer: wrap this layer instead of creating one (kept as is: no copy).
+        fan_in_fan_out: the base weight is stored (in, out), as GPT-2's Conv1D.
+        init: "kaiming" (A kaiming-uniform with a = sqrt(5), the nn.Linear default) or
+            "gaussian" (A ~ N(0, 1/r)); B is zero either way.
+        dtype: adapter dtype (default float32, float64 for a float64 base).
+
+    Shapes: x (..., in_features) -> (..., out_features); output dtype = input dtype.
+    """
+
+    adapter_dict_names = ("lora_A", "lora_B")
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16,
+                 dropout: float = 0.0, bias: bool = True, *, base_layer: nn.Module | None = None,
+                 adapter_name: str = "default", rslora: bool = False, init: str = "kaiming",
+                 fan_in_fan_out: bool = False, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if base_layer is None:
+            base_layer = nn.Linear(in_features, out_features, bias=bias, device=device)
+        super().__init__(base_layer)
+        self.in_features, self.out_features = in_features, out_features
+        self.fan_in_fan_out = fan_in_fan_out
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, dtype=dtype)
+
+    @classmethod
+    def from_layer(cls, base_layer: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, *,
+                   adapter_name: str = "default", rslora: bool = False, init: str = "kaiming",
+                   fan_in_fan_out: bool | None = None, dtype: torch.dtype | None = None) -> "LoRALinear":
+        """Wrap an existing linear-like layer (nn.Linear, GPT-2 Conv1D, or anything with
+        `in_features` / `out_features`). The base weight object is kept, not copied."""
+        if isinstance(base_layer, LoRALayer):
+            raise ValueError("base_layer is already a LoRA layer; add another adapter with add_adapter() instead")
+        if _is_conv1d(base_layer):
+            in_features, out_features = base_layer.weight.shape  # Conv1D stores (in, out)
+            if fan_in_fan_out is False:
+                warnings.warn("fan_in_fan_out=False for a Conv1D base; using True", stacklevel=2)
+            fan_in_fan_out = True
+        elif hasattr(base_layer, "in_features") and hasattr(base_layer, "out_features"):
+            in_features, out_features = base_layer.in_features, base_layer.out_features
+            if isinstance(base_layer, nn.Linear) and fan_in_fan_out:
+                warnings.warn("fan_in_fan_out=True for an nn.Linear base (weight is (out, in)); using False",
+                              stacklevel=2)
+                fan_in_fan_out = False
+        else:
+            raise TypeError(f"base_layer must be linear-like (in_features/out_features or Conv1D), "
+                            f"got {type(base_layer).__name__}")
+        return cls(in_features, out_features, r=r, alpha=alpha, dropout=dropout, base_layer=base_layer,
+                   adapter_name=adapter_name, rslora=rslora, init=init,
+                   fan_in_fan_out=bool(fan_in_fan_out), dtype=dtype)
+
+    from_linear = from_layer
+
+    def _create_adapter(self, name, r, dropout, device, dtype):
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @torch.no_grad()
+    def reset_adapter(self, adapter_name: str, init: str = "kaiming") -> None:
+        """A: kaiming-uniform with a = sqrt(5) (as nn.Linear; PEFT's default) or N(0, 1/r); B: zeros."""
+        A = self.lora_A[adapter_name].weight
+        if init == "gaussian":
+            nn.init.normal_(A, std=1.0 / self.r[adapter_name])
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[adapter_name].weight)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """`scaling * B @ A`, shaped like the base weight ((out, in), or (in, out) with fan_in_fan_out)."""
+        A = self.lora_A[adapter_name].weight
+        B = self.lora_B[adapter_name].weight
+        dt = self._compute_dtype(A)
+        delta = (B.to(dt) @ A.to(dt)) * self.scaling[adapter_name]  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disabled and self.merged:
+            self.unmerge()
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled or self.merged:
+            return result
+        for name in self.active_adapters:
+            A, B = self.lora_A[name], self.lora_B[name]
+            h = A(self.lora_dropout[name](x.to(A.weight.dtype)))  # (..., r)
+            # Scale the thin (..., r) tensor rather than the (..., out) one: same math, less traffic.
+            result = result + B(h * self.scaling[name]).to(result.dtype)
+        return result
+
+
+class LoRAEmbedding(LoRALayer):
+    """LoRA for `nn.Embedding`: `E[x] + scaling * (A^T[x]) @ B^T` with A (r, num_embeddings)
+    zero-initialised and B (embedding_dim, r) normal, as the LoRA reference code does
+    (loralib `Embedding.reset_parameters`). `init` is accepted for symmetry; both modes
+    use that scheme. Parameters live in `lora_embedding_A` / `lora_embedding_B`
+    (`nn.ParameterDict`, PEFT's names)."""
+
+    adapter_dict_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 8, alpha: float = 16, *,
+                 base_layer: nn.Embedding | None = None, adapter_name: str = "default",
+                 rslora: bool = False, init: str = "kaiming", dtype: torch.dtype | None = None,
+                 padding_idx: int | None = None):
+        if base_layer is None:
+            base_layer = nn.Embedding(num_embeddings, embedding_dim, padding_idx=padding_idx)
+        if not isinstance(base_layer, nn.Embedding):
+            raise TypeError(f"base_layer must be nn.Embedding, got {type(base_layer).__name__}")
+        super().__init__(base_layer)
+        self.num_embeddings, self.embedding_dim = base_layer.num_embeddings, base_layer.embedding_dim
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.add_adapter(adapter_name, r=r, alpha=alpha, rslora=rslora, init=init, dtype=dtype)
+
+    @classmethod
+    def from_layer(cls, base_layer: nn.Embedding, r: int = 8, alpha: float = 16, dropout: float = 0.0, *,
+                   adapter_name: str = "default", rslora: bool = False, init: str = "kaiming",
+                   fan_in_fan_out: bool | None = None, dtype: torch.dtype | None = None) -> "LoRAEmbedding":
+        """Wrap an `nn.Embedding` (kept, not copied). `dropout` must be 0: there is no
+        dropout on token ids."""
+        if isinstance(base_layer, LoRALayer):
+            raise ValueError("base_layer is already a LoRA layer; add another adapter with add_adapter() instead")
+        if dropout:
+            warnings.warn("dropout is ignored by LoRAEmbedding", stacklevel=2)
+        if not isinstance(base_layer, nn.Embedding):
+            raise TypeError(f"base_layer must be nn.Embedding, got {type(base_layer).__name__}")
+        return cls(base_layer.num_embeddings, base_layer.embedding_dim, r=r, alpha=alpha, base_layer=base_layer,
+                   adapter_name=adapter_name, rslora=rslora, init=init, dtype=dtype)
+
+    def _create_adapter(self, name, r, dropout, device, dtype):
+        self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, self.num_embeddings, device=device, dtype=dtype))
+        self.lora_embedding_B[name] = nn.Parameter(torch.empty(self.embedding_dim, r, device=device, dtype=dtype))
+
+    @torch.no_grad()
+    def reset_adapter(self, adapter_name: str, init: str = "kaiming") -> None:
+        nn.init.zeros_(self.lora_embedding_A[adapter_name])
+        nn.init.normal_(self.lora_embedding_B[adapter_name])
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """`scaling * (B @ A)^T`, shaped (num_embeddings, embedding_dim) like the base weight."""
+        A = self.lora_embedding_A[adapter_name]
+        B = self.lora_embedding_B[adapter_name]
+        dt = self._compute_dtype(A)
+        return (B.to(dt) @ A.to(dt)).T * self.scaling[adapter_name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled and self.merged:
+            self.unmerge()
+        result = self.base_layer(x)
+        if self.disabled or self.merged:
+            return result
+        base = self.base_layer
+        for name in self.active_adapters:
+            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            h = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
+                            base.scale_grad_by_freq, base.sparse)  # (..., r)
+            result = result + ((h * self.scaling[name]) @ B.T).to(result.dtype)
+        return result
