@@ -1,0 +1,169 @@
+"""Reading the `quant/` 4-bit format inside Triton kernels, plus the input checks that
+every launcher shares.
+
+Layout (see `quant/state.py`): a weight `W` of shape (N, K) is flattened row-major;
+element `2i` is the high nibble of byte `i`, element `2i + 1` the low nibble. Block `b`
+of `blocksize` consecutive elements has one scale `absmax[b]`, stored as float32, or with
+double quantization (QLoRA sec. 3) as a uint8 code into `nested_code`, giving
+`nested_code[absmax[b]] * nested_absmax[b // nested_blocksize] + offset`.
+
+Decoding uses a 256-entry byte table: entry `v` holds the float32 bit patterns of both
+levels of byte `v` (`code[v >> 4]` in the high 32 bits, `code[v & 15]` in the low 32 bits),
+so one gather per byte yields two weights, and FP4 works by handing over its code book.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from quant.state import QuantState
+
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+QUANT_TYPES = ("nf4", "fp4", "int4")  # any 16-level code book works
+
+_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def byte_pair_table(code: torch.Tensor) -> torch.Tensor:
+    """(256,) int64: the two float32 levels of each byte value, high nibble in the high word."""
+    key = (code.data_ptr(), str(code.device), code._version)
+    table = _TABLES.get(key)
+    if table is None:
+        bits = code.detach().to("cpu", torch.float32).contiguous().numpy().view(np.uint32)
+        bits = bits.astype(np.uint64)  # (16,)
+        v = np.arange(256)
+        pairs = (bits[v >> 4] << np.uint64(32)) | bits[v & 15]  # (256,) uint64
+        table = torch.from_numpy(pairs.view(np.int64).copy()).to(code.device)
+        if len(_TABLES) > 64:  # a handful of code books in practice; never grow without bound
+            _TABLES.clear()
+        _TABLES[key] = table
+    return table
+
+
+def check_state(packed: torch.Tensor, state: QuantState) -> None:
+    """Raise a clear error when `packed`/`state` are not a 4-bit tensor the kernels can read."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a quant.QuantState, got {type(state).__name__}")
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed must be a torch.Tensor, got {type(packed).__name__}")
+    if state.quant_type not in QUANT_TYPES:
+        raise ValueError(f"state.quant_type must be one of {QUANT_TYPES}, got {state.quant_type!r}")
+    bs = state.blocksize
+    if not (isinstance(bs, int) and 32 <= bs <= 4096 and bs & (bs - 1) == 0):
+        raise ValueError(f"state.blocksize must be a power of two in [32, 4096], got {bs!r}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be uint8, got {packed.dtype}")
+    if packed.dim() != 1 or not packed.is_contiguous():
+        raise ValueError(f"packed must be a contiguous 1-D tensor, got shape {tuple(packed.shape)} "
+                         f"with strides {packed.stride()}")
+    n = state.numel
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(f"packed has {packed.numel()} bytes but state.shape {tuple(state.shape)} "
+                         f"needs (numel + 1) // 2 = {(n + 1) // 2}")
+    nblocks = -(-n // bs)
+    if state.absmax.numel() != nblocks:
+        raise ValueError(f"state.absmax has {state.absmax.numel()} entries, expected "
+                         f"ceil(numel / blocksize) = {nblocks}")
+    tensors = {"state.absmax": state.absmax, "state.code": state.code}
+    if state.double_quant:
+        if state.absmax.dtype != torch.uint8:
+            raise TypeError(f"state.absmax must be uint8 with double quantization, got {state.absmax.dtype}")
+        if state.nested_code is None or state.offset is None:
+            raise ValueError("state.nested_code and state.offset are required with double quantization")
+        if state.nested_code.numel() != 256:
+            raise ValueError(f"state.nested_code must have 256 entries, got {state.nested_code.numel()}")
+        nbs = state.nested_blocksize
+        if not (isinstance(nbs, int) and nbs > 0):
+            raise ValueError(f"state.nested_blocksize must be a positive int, got {nbs!r}")
+        if state.nested_absmax.numel() != -(-nblocks // nbs):
+            raise ValueError(f"state.nested_absmax has {state.nested_absmax.numel()} entries, "
+                             f"expected ceil(nblocks / nested_blocksize) = {-(-nblocks // nbs)}")
+        tensors.update({"state.nested_absmax": state.nested_absmax,
+                        "state.nested_code": state.nested_code, "state.offset": state.offset})
+    elif state.absmax.dtype != torch.float32:
+        raise TypeError(f"state.absmax must be float32 without double quantization, got {state.absmax.dtype}")
+    if state.code.numel() != 16:
+        raise ValueError(f"state.code must have 16 levels, got {state.code.numel()}")
+    for name, t in tensors.items():
+        if t.device != packed.device:
+            raise ValueError(f"{name} is on {t.device} but packed is on {packed.device}")
+        if name != "state.absmax" and t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+
+
+def scale_args(state: QuantState) -> tuple:
+    """The pointers a kernel needs to read block scales (dummies when not double-quantized)."""
+    if state.double_quant:
+        return state.absmax, state.nested_code, state.nested_absmax, state.offset
+    return state.absmax, state.absmax, state.absmax, state.absmax
+
+
+@triton.jit
+def decode_bytes(table_ptr, packed_bytes):
+    """(R, C) uint8 codes -> (R, 2C) float32 levels, element 2i from the high nibble of byte i."""
+    pair = tl.load(table_ptr + packed_bytes.to(tl.int32))  # (R, C) int64
+    hi = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    lo = pair.to(tl.int32).to(tl.float32, bitcast=True)
+    return tl.interleave(hi, lo)
+
+
+@triton.jit
+def load_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, block_idx, mask,
+                NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """float32 absmax of blocks `block_idx` (any shape); the nested format is decoded here."""
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + block_idx, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_absmax_ptr + block_idx // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        return tl.load(nested_code_ptr + q) * nested + tl.load(offset_ptr)
+    else:
+        return tl.load(absmax_ptr + block_idx, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_weight_codes(packed_ptr, table_ptr, offs_n, k0, N, K,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Unscaled levels of W[offs_n, k0:k0 + BLOCK_K] as float32, (BLOCK_N, BLOCK_K).
+
+    Needs K even (each row starts on a byte); rows >= N and columns >= K read as byte 0.
+    """
+    offs_b = tl.arange(0, BLOCK_K // 2)
+    row = offs_n.to(tl.int64) * (K // 2)  # (BLOCK_N,) first byte of each row
+    mask = (offs_n[:, None] < N) & ((k0 + 2 * offs_b[None, :]) < K)
+    b = tl.load(packed_ptr + row[:, None] + (k0 // 2 + offs_b[None, :]), mask=mask, other=0)
+    return decode_bytes(table_ptr, b)
+
+
+@triton.jit
+def load_weight_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, offs_n, k0, N, K,
+                       BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                       DOUBLE_QUANT: tl.constexpr, GROUPS: tl.constexpr):
+    """Scales of W[offs_n, k0:k0 + BLOCK_K], (BLOCK_N, GROUPS) with GROUPS = max(1, BLOCK_K // BLOCKSIZE).
+
+    Needs K % BLOCKSIZE == 0, so that a block never spans two rows.
+    """
+    offs_g = tl.arange(0, GROUPS)
+    block = (offs_n.to(tl.int64) * K + k0)[:, None] // BLOCKSIZE + offs_g[None, :]
+    mask = (offs_n[:, None] < N) & ((k0 + offs_g[None, :] * BLOCKSIZE) < K)
+    return load_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, block, mask,
+                       NESTED_BLOCKSIZE, DOUBLE_QUANT)
+
+
+@triton.jit
+def scale_codes(codes, scales, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr):
+    """codes (BLOCK_N, BLOCK_K) times scales (BLOCK_N, GROUPS), each scale over BLOCK_K // GROUPS columns."""
+    w = tl.reshape(codes, (BLOCK_N, GROUPS, BLOCK_K // GROUPS)) * scales[:, :, None]
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))  # (BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def dot_acc(a, b, acc, DOT_FP32: tl.constexpr):
+    """acc + a @ b. DOT_FP32 multiplies in float32 at full precision (fp32 inputs, and bf16 under
+    the interpreter, whose bf16 `tl.dot` is broken)."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
