@@ -23,27 +23,29 @@ from quant.state import QuantState
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QUANT_TYPES = ("nf4", "fp4", "int4")  # any 16-level code book works
 
-_TABLES: dict[tuple, torch.Tensor] = {}
-
-
 def byte_pair_table(code: torch.Tensor) -> torch.Tensor:
-    """(256,) int64: the two float32 levels of each byte value, high nibble in the high word."""
-    key = (code.data_ptr(), str(code.device), code._version)
-    table = _TABLES.get(key)
-    if table is None:
-        bits = code.detach().to("cpu", torch.float32).contiguous().numpy().view(np.uint32)
-        bits = bits.astype(np.uint64)  # (16,)
-        v = np.arange(256)
-        pairs = (bits[v >> 4] << np.uint64(32)) | bits[v & 15]  # (256,) uint64
-        table = torch.from_numpy(pairs.view(np.int64).copy()).to(code.device)
-        if len(_TABLES) > 64:  # a handful of code books in practice; never grow without bound
-            _TABLES.clear()
-        _TABLES[key] = table
+    """(256,) int64: the two float32 levels of each byte value, high nibble in the high word.
+
+    Cached on the code tensor itself (keyed by its version counter), so a weight's table is
+    built once, and a code book freed and replaced at the same address is never confused.
+    """
+    cached = getattr(code, "_loralab_byte_pair_table", None)
+    if cached is not None and cached[0] == code._version:
+        return cached[1]
+    bits = code.detach().to("cpu", torch.float32).contiguous().numpy().view(np.uint32)
+    bits = bits.astype(np.uint64)  # (16,)
+    v = np.arange(256)
+    pairs = (bits[v >> 4] << np.uint64(32)) | bits[v & 15]  # (256,) uint64
+    table = torch.from_numpy(pairs.view(np.int64).copy()).to(code.device)
+    code._loralab_byte_pair_table = (code._version, table)
     return table
 
 
-def check_state(packed: torch.Tensor, state: QuantState) -> None:
-    """Raise a clear error when `packed`/`state` are not a 4-bit tensor the kernels can read."""
+def check_state(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """Raise a clear error when `packed`/`state` are not a 4-bit tensor the kernels can read.
+
+    Returns `packed` as a 1-D view (bitsandbytes stores it as `(n // 2, 1)`).
+    """
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a quant.QuantState, got {type(state).__name__}")
     if not isinstance(packed, torch.Tensor):
@@ -55,8 +57,8 @@ def check_state(packed: torch.Tensor, state: QuantState) -> None:
         raise ValueError(f"state.blocksize must be a power of two in [32, 4096], got {bs!r}")
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed must be uint8, got {packed.dtype}")
-    if packed.dim() != 1 or not packed.is_contiguous():
-        raise ValueError(f"packed must be a contiguous 1-D tensor, got shape {tuple(packed.shape)} "
+    if not packed.is_contiguous():
+        raise ValueError(f"packed must be contiguous, got shape {tuple(packed.shape)} "
                          f"with strides {packed.stride()}")
     n = state.numel
     if packed.numel() != (n + 1) // 2:
@@ -93,6 +95,7 @@ def check_state(packed: torch.Tensor, state: QuantState) -> None:
             raise TypeError(f"{name} must be float32, got {t.dtype}")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
+    return packed.reshape(-1)
 
 
 def scale_args(state: QuantState) -> tuple:

@@ -51,7 +51,7 @@ def dequantize_nf4(packed: torch.Tensor, state: QuantState,
     """Dense weight from 4-bit codes (NF4 or FP4, plain or double-quantized absmax).
 
     Args:
-        packed: (ceil(numel / 2),) uint8 codes, contiguous, on the same device as the state.
+        packed: ceil(numel / 2) uint8 codes, contiguous (any shape), on the same device as the state.
         state: the `quant.QuantState` of the weight. Any numel works, including a
             partial last block.
         dtype: output dtype (float16, bfloat16 or float32); default `state.dtype`.
@@ -60,7 +60,7 @@ def dequantize_nf4(packed: torch.Tensor, state: QuantState,
         Tensor of shape `state.shape` and dtype `dtype`, equal to
         `quant.dequantize_4bit(packed, state, dtype)` up to float32 rounding of the scale.
     """
-    check_state(packed, state)
+    packed = check_state(packed, state)  # (nbytes,)
     dtype = state.dtype if dtype is None else dtype
     if dtype not in ACT_DTYPES:
         raise TypeError(f"dtype must be one of {ACT_DTYPES}, got {dtype}")

@@ -89,7 +89,7 @@ def nf4_matmul_grad_input(grad_y: torch.Tensor, packed: torch.Tensor,
     Returns:
         (..., K) tensor of grad_y's dtype, accumulated in float32.
     """
-    n, k = check_weight_2d(packed, state)
+    packed, n, k = check_weight_2d(packed, state)
     check_activation(grad_y, "grad_y", packed, n)
     gy2 = as_rows(grad_y, "grad_y")  # (M, N)
     m = gy2.shape[0]

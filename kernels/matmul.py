@@ -132,16 +132,16 @@ def dot_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreter_enabled())
 
 
-def check_weight_2d(packed: torch.Tensor, state: QuantState) -> tuple[int, int]:
-    """(N, K) of a 4-bit linear weight; raises when the kernels cannot read it."""
-    check_state(packed, state)
+def check_weight_2d(packed: torch.Tensor, state: QuantState) -> tuple[torch.Tensor, int, int]:
+    """(packed as 1-D, N, K) of a 4-bit linear weight; raises when the kernels cannot read it."""
+    packed = check_state(packed, state)
     if len(state.shape) != 2:
         raise ValueError(f"state.shape must be 2-D (out_features, in_features), got {tuple(state.shape)}")
     n, k = (int(s) for s in state.shape)
     if k % state.blocksize != 0:
         raise ValueError(f"in_features (state.shape[1] = {k}) must be a multiple of "
                          f"state.blocksize = {state.blocksize} so that no block spans two rows")
-    return n, k
+    return packed, n, k
 
 
 def check_activation(x: torch.Tensor, name: str, packed: torch.Tensor, features: int) -> None:
@@ -229,7 +229,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
 
     Args:
         x: (..., K) activations, float16, bfloat16 or float32, unit stride along K.
-        packed: the weight's packed codes, (N * K / 2,) uint8, contiguous.
+        packed: the weight's N * K / 2 packed uint8 codes, contiguous (any shape).
         state: the weight's `quant.QuantState`; K must be a multiple of `state.blocksize`.
         bias: optional (N,) tensor of x's dtype and device.
 
@@ -237,7 +237,7 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
         (..., N) tensor of x's dtype, accumulated in float32. Not differentiable: use
         `nf4_linear` for autograd.
     """
-    n, k = check_weight_2d(packed, state)
+    packed, n, k = check_weight_2d(packed, state)
     check_activation(x, "x", packed, k)
     check_bias(bias, x, n)
     x2 = as_rows(x, "x")  # (M, K)

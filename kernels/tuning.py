@@ -62,10 +62,10 @@ def interpreter_config(kind: str) -> TileConfig:
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kind == "dequant":
-        return _c(block_bytes=256, num_warps=1)
+        return _c(block_bytes=512, num_warps=1)
     if kind == "gemv":
-        return _c(block_n=32, block_k=32, split_k=2)
-    return _c(block_m=16, block_n=32, block_k=32)
+        return _c(block_n=64, block_k=64, split_k=2)
+    return _c(block_m=32, block_n=64, block_k=64)
 
 
 _PINNED: dict[str, TileConfig] = {}
