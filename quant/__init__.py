@@ -1,5 +1,33 @@
 """4-bit weight formats in pure PyTorch: NF4/FP4/INT4 code books, blockwise absmax,
 nibble packing, double quantization and `LinearNF4`. The reference for `kernels/`."""
+from .blockwise import (
+    NESTED_BLOCKSIZE,
+    VALID_BLOCKSIZES,
+    dequantize_4bit,
+    dequantize_blockwise_8bit,
+    quantize_4bit,
+    quantize_blockwise_8bit,
+    state_absmax,
+)
+from .codes import dynamic_map_8bit, fp4_code, get_code, int4_code, nf4_code, normal_float_code
+from .packing import pack_nibbles, unpack_nibbles
 from .state import QuantState
 
-__all__ = ["QuantState"]
+__all__ = [
+    "NESTED_BLOCKSIZE",
+    "VALID_BLOCKSIZES",
+    "QuantState",
+    "dequantize_4bit",
+    "dequantize_blockwise_8bit",
+    "dynamic_map_8bit",
+    "fp4_code",
+    "get_code",
+    "int4_code",
+    "nf4_code",
+    "normal_float_code",
+    "pack_nibbles",
+    "quantize_4bit",
+    "quantize_blockwise_8bit",
+    "state_absmax",
+    "unpack_nibbles",
+]

@@ -1,0 +1,247 @@
+"""Blockwise absmax quantization: 4-bit weights (NF4/FP4/INT4) and 8-bit double quantization.
+
+The arithmetic follows bitsandbytes' CPU path step by step (same float32 operations in
+the same order), so packed bytes and absmax values agree bit for bit:
+
+- 4-bit: one float32 absmax per block of the flattened tensor; full blocks are scaled
+  by `x * (1 / absmax)`, the last partial block by `x / absmax`; the scaled value goes
+  to the nearest level of the code book, a tie to the lower level (`torch.bucketize`
+  over the midpoints of the sorted code).
+- 8-bit (the nested absmax of double quantization, QLoRA sec. 3): bitsandbytes maps a
+  scaled value v in [-1, 1] to one of 65536 bins, `int(((v + 1) * 0.5) * 65535 + 0.5)`,
+  and each bin to the level nearest its center. This equals "nearest level" except
+  for values within 2**-16 of a midpoint between two levels.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .codes import dynamic_map_8bit, get_code
+from .packing import pack_nibbles, unpack_nibbles
+from .state import QuantState
+
+# bitsandbytes accepts these block sizes for 4-bit quantization (powers of two, 32..4096).
+VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+# QLoRA sec. 3: the absmax values are double-quantized in blocks of 256.
+NESTED_BLOCKSIZE = 256
+QUANT_TYPES = ("nf4", "fp4", "int4")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LUT_BINS = 65536  # bins of bitsandbytes' 8-bit lookup table
+
+
+def check_blocksize(blocksize: int, name: str = "blocksize") -> int:
+    """Return `blocksize` if it is one of `VALID_BLOCKSIZES`, else raise ValueError."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"{name} must be a power of two from 32 to 4096 {VALID_BLOCKSIZES}, "
+                         f"got {blocksize!r}")
+    return blocksize
+
+
+def _check_weight(w: torch.Tensor) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"w must have dtype float32, float16 or bfloat16, got {w.dtype}")
+    if w.numel() == 0:
+        raise ValueError("w must have at least one element")
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("w contains NaN or Inf; quantization needs finite weights")
+
+
+@functools.lru_cache(maxsize=8)
+def _sorted_bounds(quant_type: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Midpoints between consecutive sorted levels, and the code index of each sorted level."""
+    code = get_code(quant_type)
+    order = torch.argsort(code, stable=True)  # +0 before -0 in FP4, as bitsandbytes
+    bounds = (code[order[:-1]] + code[order[1:]]) / 2  # (15,)
+    identity = torch.equal(order, torch.arange(16))
+    return bounds, None if identity else order.to(torch.uint8)
+
+
+def blockwise_absmax_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-block absmax and the values scaled into [-1, 1] (bitsandbytes' 4-bit arithmetic).
+
+    Args:
+        flat: `(n,)` float32.
+        blocksize: elements per block.
+
+    Returns:
+        `absmax` `(ceil(n / blocksize),)` float32 and `scaled` `(n,)` float32.
+    """
+    n = flat.numel()
+    rem = n % blocksize
+    full = n - rem
+    blocks = flat[:full].view(-1, blocksize)  # (n // blocksize, blocksize)
+    lo, hi = torch.aminmax(blocks, dim=1)
+    absmax = torch.maximum(-lo, hi)  # == |x|.max() per block, without an |x| temporary
+    scaled = blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)  # (n // blocksize, blocksize)
+    scaled = scaled.clamp_(-1, 1).view(-1)  # (full,)
+    if rem:
+        am = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, am.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / am, -1, 1)])
+    return absmax, scaled
+
+
+def quantize_codes(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """Nearest 4-bit code of each scaled value (ties to the lower level), as `uint8`."""
+    bounds, order = _sorted_bounds(quant_type)
+    q = torch.bucketize(scaled, bounds, out_int32=True)
+    q = q.to(torch.uint8)
+    if order is not None:
+        q = order[q.long()]
+    return q
+
+
+@functools.lru_cache(maxsize=8)
+def _lut_8bit(code_bytes: bytes) -> torch.Tensor:
+    code = torch.frombuffer(bytearray(code_bytes), dtype=torch.float32)
+    midpoints = 0.5 * (code[:-1] + code[1:])  # (255,)
+    centers = -1.0 + (2.0 * torch.arange(_LUT_BINS, dtype=torch.float32)) / (_LUT_BINS - 1)
+    return torch.searchsorted(midpoints, centers).to(torch.uint8)  # (65536,)
+
+
+def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None,
+                            blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit blockwise absmax quantization of a float32 vector (bitsandbytes' CPU rounding).
+
+    Args:
+        x: `(n,)` float32 values.
+        code: `(256,)` sorted float32 levels; default the dynamic 8-bit map.
+        blocksize: values per absmax block (256 for double quantization, QLoRA sec. 3).
+
+    Returns:
+        `codes` `(n,)` uint8 and `absmax` `(ceil(n / blocksize),)` float32.
+    """
+    code = dynamic_map_8bit() if code is None else code.float().contiguous()
+    lut = _lut_8bit(code.cpu().numpy().tobytes()).to(x.device)
+    x = x.reshape(-1).float()  # (n,)
+    n = x.numel()
+    nblocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(x, (0, nblocks * blocksize - n))  # zeros do not change absmax
+    blocks = padded.view(nblocks, blocksize)  # (nblocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)  # zero block -> code 0
+    v = (blocks * inv.unsqueeze(1)).clamp_(-1, 1)
+    idx = (((v + 1.0) * 0.5) * (_LUT_BINS - 1) + 0.5).to(torch.int64)  # truncation, as C's cast
+    q = lut[idx]
+    q = torch.where((absmax == 0).unsqueeze(1), torch.zeros_like(q), q)
+    return q.view(-1)[:n], absmax
+
+
+def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None = None,
+                              blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
+    """Inverse of `quantize_blockwise_8bit`: `code[q] * absmax[block]`, `(n,)` float32."""
+    code = dynamic_map_8bit() if code is None else code.float()
+    values = code.to(q.device)[q.reshape(-1).long()]  # (n,)
+    n = values.numel()
+    scale = absmax.float().repeat_interleave(blocksize)[:n]  # (n,)
+    return values * scale
+
+
+def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
+                  double_quant: bool = True) -> tuple[torch.Tensor, QuantState]:
+    """Blockwise 4-bit quantization in bitsandbytes' layout (QLoRA sec. 3).
+
+    Args:
+        w: float32, float16 or bfloat16 tensor of any shape; finite.
+        quant_type: "nf4" (NormalFloat), "fp4" (bitsandbytes' E2M1) or "int4"
+            (symmetric +-7; this library only, for comparison).
+        blocksize: elements per absmax block, a power of two from 32 to 4096.
+        double_quant: also quantize the absmax values to 8 bits in blocks of 256,
+            after subtracting their mean (QLoRA sec. 3): 0.5 -> ~0.127 bits per parameter.
+
+    Returns:
+        `packed` `((n + 1) // 2,)` uint8 (element 2i in the high nibble) and a `QuantState`.
+    """
+    _check_weight(w)
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    check_blocksize(blocksize)
+    flat = w.reshape(-1).float()  # (n,)
+    absmax, scaled = blockwise_absmax_scale(flat, blocksize)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))  # (n + 1,): the pad nibble codes 0.0
+    packed = pack_nibbles(quantize_codes(scaled, quant_type))
+    code = get_code(quant_type).to(w.device)
+    state = QuantState(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize,
+                       quant_type=quant_type, code=code)
+    if double_quant:
+        offset = absmax.mean()
+        qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset)
+        state.absmax = qabsmax
+        state.offset = offset
+        state.nested_absmax = nested_absmax
+        state.nested_code = dynamic_map_8bit().to(w.device)
+        state.nested_blocksize = NESTED_BLOCKSIZE
+    return packed, state
+
+
+def state_absmax(state: QuantState) -> torch.Tensor:
+    """The float32 absmax per block, undoing double quantization when it was used."""
+    if not state.double_quant:
+        return state.absmax.float()
+    absmax = dequantize_blockwise_8bit(state.absmax, state.nested_absmax, state.nested_code,
+                                       state.nested_blocksize)
+    return absmax + state.offset.float()
+
+
+def check_packed(packed: torch.Tensor, state: QuantState) -> None:
+    """Raise a clear error when `packed` or `state` cannot be dequantized together."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        got = packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise TypeError(f"packed must be a uint8 torch.Tensor, got {got}")
+    n = state.numel
+    if packed.numel() != (n + 1) // 2:
+        raise ValueError(f"packed has {packed.numel()} bytes, but a tensor of shape "
+                         f"{tuple(state.shape)} needs (n + 1) // 2 = {(n + 1) // 2}")
+    check_blocksize(state.blocksize, "state.blocksize")
+    nblocks = -(-n // state.blocksize)
+    if state.absmax.numel() != nblocks:
+        raise ValueError(f"state.absmax has {state.absmax.numel()} values, expected {nblocks} "
+                         f"(one per block of {state.blocksize})")
+
+
+def _pair_table(code: torch.Tensor) -> torch.Tensor:
+    """`(256, 2)` float32: the two levels that each byte stands for (high nibble first)."""
+    byte = torch.arange(256, device=code.device)
+    return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Inverse of `quantize_4bit`: `code[q] * absmax[block]`, computed in float32.
+
+    Args:
+        packed: `uint8` codes, `(n + 1) // 2` bytes in any shape (bitsandbytes uses `(n // 2, 1)`).
+        state: the `QuantState` returned with them.
+        dtype: output dtype; default `state.dtype`.
+
+    Returns:
+        Tensor of `state.shape` and `dtype`.
+    """
+    check_packed(packed, state)
+    dtype = state.dtype if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    n, bs = state.numel, state.blocksize
+    absmax = state_absmax(state)
+    code = state.code.to(device=packed.device, dtype=torch.float32)
+    pairs = torch.nn.functional.embedding(packed.reshape(-1).long(), _pair_table(code))  # (n_bytes, 2)
+    values = pairs.view(-1)[:n]  # (n,)
+    full = n - n % bs
+    out = torch.empty(n, dtype=torch.float32, device=packed.device)
+    out[:full].view(-1, bs).copy_(values[:full].view(-1, bs) * absmax[: full // bs].unsqueeze(1))
+    if full < n:
+        out[full:] = values[full:] * absmax[-1]
+    return out.to(dtype).view(state.shape)
+
+
+def unpack_codes(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """The 4-bit codes of all `state.numel` elements, `(n,)` uint8 (for tests and kernels)."""
+    check_packed(packed, state)
+    return unpack_nibbles(packed, state.numel)

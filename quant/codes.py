@@ -1,0 +1,135 @@
+"""Code books: the 16 (or 256) values a 4-bit (or 8-bit) code stands for.
+
+A code book is a float32 tensor; the code `q` of an element means the value
+`code[q] * absmax` of its block. The index order is bitsandbytes', so packed bytes
+written here and by bitsandbytes mean the same values.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# QLoRA sec. 3: the outermost quantile of the k-bit NormalFloat. It is the mean of
+# 1 - 1/(2 * 15) and 1 - 1/(2 * 16), the tail probabilities that center the outer
+# bins of a 15-level and a 16-level quantile code; bitsandbytes writes 0.9677083.
+NF4_OFFSET = 0.9677083
+
+
+def _nf_offset(bits: int) -> float:
+    """The outer quantile of a `bits`-bit NormalFloat (0.9677083 for 4 bits, QLoRA sec. 3)."""
+    if bits == 4:
+        return NF4_OFFSET
+    k = 2**bits
+    return 0.5 * ((1 - 1 / (2 * (k - 1))) + (1 - 1 / (2 * k)))
+
+
+@functools.lru_cache(maxsize=None)
+def _normal_float_code(bits: int, offset: float) -> torch.Tensor:
+    from scipy.stats import norm  # imported lazily: only code-book construction needs scipy
+
+    half = 2 ** (bits - 1)
+    # Quantile points in float32 exactly as bitsandbytes' create_normal_map builds them.
+    pos = norm.ppf(torch.linspace(offset, 0.5, half + 1)[:-1].numpy())  # half positive levels
+    neg = -norm.ppf(torch.linspace(offset, 0.5, half)[:-1].numpy())  # half - 1 negative levels
+    values = torch.tensor(list(pos) + [0.0] + list(neg), dtype=torch.float32)
+    values = values.sort().values
+    return values / values.max()
+
+
+def normal_float_code(bits: int = 4, offset: float | None = None) -> torch.Tensor:
+    """The k-bit NormalFloat code book (QLoRA sec. 3), sorted, in [-1, 1].
+
+    NormalFloat puts its levels at quantiles of N(0, 1), so each level receives the
+    same expected share of normally distributed values: the information-theoretically
+    optimal data type for N(0, sigma) weights once each block is scaled by its absmax.
+    To get an exact zero (padding, ReLU outputs, pruned weights) the code is asymmetric:
+    `2**(bits-1)` positive quantiles from [offset, 0.5) and `2**(bits-1) - 1` negative
+    ones, plus zero, all divided by the largest so that the code spans [-1, 1].
+
+    Args:
+        bits: Bits per code, 2 to 8.
+        offset: Outermost quantile; default 0.9677083 for 4 bits (QLoRA sec. 3), and
+            the same construction (mean of 1 - 1/(2(2^k - 1)) and 1 - 1/(2 * 2^k)) otherwise.
+
+    Returns:
+        `(2**bits,)` float32 tensor, ascending, with `code[2**(bits-1) - 1] == 0`.
+    """
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
+    if offset is None:
+        offset = _nf_offset(bits)
+    if not 0.5 < offset < 1.0:
+        raise ValueError(f"offset must lie in (0.5, 1), got {offset!r}")
+    return _normal_float_code(bits, float(offset)).clone()
+
+
+def nf4_code() -> torch.Tensor:
+    """The 16 NF4 levels (QLoRA sec. 3): `normal_float_code(4)`, bitsandbytes' values.
+
+    -1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
+    0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0 (index = 4-bit code).
+    """
+    return normal_float_code(4)
+
+
+def fp4_code() -> torch.Tensor:
+    """bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bit), index = 4-bit code.
+
+    Bit 3 is the sign; for the exponent field `e` (bits 2-1) and mantissa `m` (bit 0)
+    the magnitude is `(1 + m/2) * 2**(4 - e)` for `e > 0` and `m / 16` for `e == 0`
+    (a subnormal), i.e. 0, 0.0625, 8, 12, 4, 6, 2, 3; divided by 12 into [-1, 1].
+    The code is not sorted and holds both +0 (code 0) and -0 (code 8).
+    """
+    mags = []
+    for bits in range(8):
+        e, m = bits >> 1, bits & 1
+        mags.append((1 + m / 2) * 2.0 ** (4 - e) if e > 0 else m / 16)
+    code = torch.tensor(mags + [-v for v in mags], dtype=torch.float32)
+    return code / code.abs().max()
+
+
+def int4_code() -> torch.Tensor:
+    """Symmetric 4-bit integers +-7 divided by 7 (for comparison), bitsandbytes' order.
+
+    Index i < 8 means (7 - i) / 7 and index i >= 8 means -(i - 8) / 7, so 0 appears twice
+    and only 15 distinct levels are used.
+    """
+    code = torch.tensor([7 - i for i in range(8)] + [-(i - 8) for i in range(8, 16)],
+                        dtype=torch.float32)
+    return code / 7
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_map_8bit() -> torch.Tensor:
+    max_exponent_bits, non_sign_bits = 7, 7
+    data: list[float] = []
+    for i in range(max_exponent_bits):
+        fraction_items = 2 ** (i + non_sign_bits - max_exponent_bits) + 1
+        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        scale = 10 ** (-(max_exponent_bits - 1) + i)
+        data += (scale * means).tolist()
+        data += (-scale * means).tolist()
+    data += [0.0, 1.0]
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+def dynamic_map_8bit() -> torch.Tensor:
+    """The signed dynamic 8-bit map (Dettmers 2016), used to store the double-quantized absmax.
+
+    Equals bitsandbytes' `create_dynamic_map(signed=True)`: a sign bit, a run of zero
+    bits giving a decimal exponent 10^-6 .. 10^0, and the remaining bits a linear
+    fraction in [0.1, 1]; plus 0 and 1. Sorted, 256 float32 values in [-0.993, 1].
+    """
+    return _dynamic_map_8bit().clone()
+
+
+CODE_BOOKS = {"nf4": nf4_code, "fp4": fp4_code, "int4": int4_code}
+
+
+def get_code(quant_type: str) -> torch.Tensor:
+    """The 16-entry code book of `quant_type` ("nf4", "fp4" or "int4")."""
+    if quant_type not in CODE_BOOKS:
+        raise ValueError(f"quant_type must be one of {sorted(CODE_BOOKS)}, got {quant_type!r}")
+    return CODE_BOOKS[quant_type]()

@@ -1,0 +1,62 @@
+"""Bit-for-bit compatibility with bitsandbytes' 4-bit format (its quantize/dequantize run on CPU)."""
+import logging
+
+import pytest
+import torch
+
+import kernels  # noqa: F401  # this project's `kernels` must not break `import bitsandbytes`
+from quant import dequantize_4bit, quantize_4bit
+from quant.compat import from_bitsandbytes, to_bitsandbytes
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes.functional as bnbf  # noqa: E402
+
+# Linear-weight shapes (last dim a multiple of the blocksize) plus odd numel and odd rows.
+CASES = [
+    ((96, 128), torch.float32, "nf4", 64, True),
+    ((96, 128), torch.bfloat16, "nf4", 64, False),
+    ((64, 256), torch.float16, "fp4", 128, True),
+    ((600, 64), torch.float32, "nf4", 32, True),  # 1200 absmax values: 5 nested blocks, one partial
+    ((5, 2048), torch.bfloat16, "fp4", 1024, True),
+]
+
+
+def test_import_bitsandbytes_next_to_project_kernels():
+    import sys
+
+    assert sys.modules["kernels"].__file__.endswith(("kernels/__init__.py", "kernels\\__init__.py"))
+    assert callable(bnbf.quantize_4bit)
+
+
+@pytest.mark.parametrize("shape,dtype,quant_type,blocksize,dq", CASES)
+def test_same_bytes_and_absmax(shape, dtype, quant_type, blocksize, dq):
+    g = torch.Generator().manual_seed(shape[0])
+    w = (torch.randn(shape, generator=g) * 2).to(dtype)
+    w[0, :blocksize // 2] = 0
+    packed, state = quantize_4bit(w, quant_type=quant_type, blocksize=blocksize, double_quant=dq)
+    bpacked, bstate = bnbf.quantize_4bit(w, blocksize=blocksize, compress_statistics=dq,
+                                         quant_type=quant_type)
+    assert torch.equal(packed, bpacked.reshape(-1))
+    assert torch.equal(state.absmax, bstate.absmax)
+    assert torch.equal(state.code, bstate.code)
+    if dq:
+        assert torch.equal(state.offset, bstate.offset)
+        assert torch.equal(state.nested_absmax, bstate.state2.absmax)
+        assert torch.equal(state.nested_code, bstate.state2.code)
+
+    # ours -> bitsandbytes' dequantize, and bitsandbytes' -> ours: identical tensors
+    ours = dequantize_4bit(packed, state)
+    theirs = bnbf.dequantize_4bit(*to_bitsandbytes(packed, state))
+    assert torch.equal(ours, theirs.reshape(shape))
+    assert torch.equal(dequantize_4bit(*from_bitsandbytes(bpacked, bstate)), ours)
+
+
+def test_odd_numel_bytes_match():
+    # numel 9 * 41 = 369 (odd): the pad nibble and the partial last block.
+    w = torch.randn(9, 41, generator=torch.Generator().manual_seed(9))
+    packed, state = quantize_4bit(w, blocksize=64, double_quant=True)
+    bpacked, bstate = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(packed, bpacked.reshape(-1)) and torch.equal(state.absmax, bstate.absmax)
+    assert torch.equal(state.nested_absmax, bstate.state2.absmax)
+    assert torch.equal(dequantize_4bit(*from_bitsandbytes(bpacked, bstate)), dequantize_4bit(packed, state))
