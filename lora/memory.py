@@ -1,0 +1,456 @@
+"""How much memory does fine-tuning take? An estimator, and a way to check it.
+
+Training memory has four parts (LoRA sec. 4.2 and QLoRA sec. 2 make the same split):
+
+- weights: every parameter and buffer of the model, in its storage format
+  (bf16/fp32, or NF4 at ~4.127 bits per parameter for QLoRA's frozen base);
+- gradients: one tensor per *trainable* parameter, same dtype as the parameter;
+- optimizer states: AdamW keeps two (`exp_avg`, `exp_avg_sq`) per trainable
+  parameter plus a one-element `step` tensor per parameter tensor; plain SGD none;
+- activations: the tensors autograd saves in the forward pass for the backward pass.
+
+Full fine-tuning pays gradients and optimizer states for every parameter; LoRA only
+for the adapters (about 0.1-1% of them), which is the whole point of PEFT. QLoRA also
+shrinks the frozen weights 4x. Activations hardly change between the three methods.
+
+`estimate(...)` works from a model (it counts its real tensors) or from a `ModelSpec`
+(a config, for models too big for this machine: Llama-3-8B and 70B ship with it).
+`saved_activation_bytes(...)` measures what autograd really saves, with
+`torch.autograd.graph.saved_tensors_hooks`; the tests compare the two.
+
+Command line: `python -m lora.memory --config llama-3-8b --method qlora --r 16`.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import sys
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+METHODS = ("full", "lora", "qlora")
+OPTIMIZERS = ("adamw", "sgd")
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The shape of a Llama-architecture model: all the estimator needs to know."""
+
+    hidden_size: int  # d, the residual-stream width
+    num_layers: int  # transformer blocks
+    num_heads: int  # query heads
+    num_kv_heads: int  # key/value heads (grouped-query attention)
+    intermediate_size: int  # SwiGLU hidden width
+    vocab_size: int  # token embeddings (and output head)
+    tie_word_embeddings: bool = False  # output head shares the embedding matrix
+    name: str = "custom"
+
+    def __post_init__(self):
+        for f in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                  "intermediate_size", "vocab_size"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{f} must be a positive int, got {v!r}")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must be divisible by num_heads, and num_heads by "
+                             f"num_kv_heads; got {self.hidden_size}, {self.num_heads}, "
+                             f"{self.num_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of each linear layer of one block."""
+        d, f, kv = self.hidden_size, self.intermediate_size, self.num_kv_heads * self.head_dim
+        return {"q_proj": (d, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, d),
+                "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+
+    def parameter_numels(self) -> list[int]:
+        """Element count of every parameter tensor (the tied head counted once)."""
+        d, V = self.hidden_size, self.vocab_size
+        block = [o * i for o, i in self.linear_shapes().values()] + [d, d]  # + two RMSNorms
+        head = [] if self.tie_word_embeddings else [V * d]
+        return [V * d] + block * self.num_layers + [d] + head  # + final norm
+
+    def num_parameters(self) -> int:
+        return sum(self.parameter_numels())
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelSpec":
+        """Read a config object with Hugging Face or this project's `examples/llama.py` names."""
+        def get(*names):
+            for n in names:
+                if hasattr(cfg, n):
+                    return getattr(cfg, n)
+            raise ValueError(f"config has none of the attributes {names}")
+        return cls(hidden_size=get("hidden_size", "dim"),
+                   num_layers=get("num_hidden_layers", "n_layers"),
+                   num_heads=get("num_attention_heads", "n_heads"),
+                   num_kv_heads=get("num_key_value_heads", "n_kv_heads", "num_attention_heads"),
+                   intermediate_size=get("intermediate_size", "ffn_dim"),
+                   vocab_size=get("vocab_size"),
+                   tie_word_embeddings=bool(get("tie_word_embeddings", "tie_embeddings")),
+                   name=type(cfg).__name__)
+
+
+# Published configs (the models' config.json files).
+PRESETS: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(576, 30, 9, 3, 1536, 49152, True, "SmolLM2-135M"),
+    "llama-3.2-1b": ModelSpec(2048, 16, 32, 8, 8192, 128256, True, "Llama-3.2-1B"),
+    "llama-3-8b": ModelSpec(4096, 32, 32, 8, 14336, 128256, False, "Llama-3-8B"),
+    "llama-3-70b": ModelSpec(8192, 80, 64, 8, 28672, 128256, False, "Llama-3-70B"),
+}
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes of each part of training memory."""
+
+    weights: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    trainable_params: int
+    total_params: int
+    details: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer_states + self.activations
+
+    def rows(self) -> list[tuple[str, int]]:
+        return [("weights", self.weights), ("gradients", self.gradients),
+                ("optimizer states", self.optimizer_states), ("activations", self.activations),
+                ("total", self.total)]
+
+
+def nf4_storage_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
+    """Bytes that one NF4 weight of `numel` elements holds (bitsandbytes layout).
+
+    Packed codes: 4 bits each. Absmax: one fp32 per block (32 / blocksize bits per
+    parameter: 0.5 at blocksize 64), or with double quantization one uint8 per block
+    plus one fp32 per 256 blocks and the fp32 mean (QLoRA sec. 3: 8/64 + 32/(64*256)
+    = 0.127 bits). The 16-entry code and the 256-entry nested code are fp32 tables.
+    """
+    nblocks = math.ceil(numel / blocksize)
+    n = (numel + 1) // 2 + 16 * 4
+    if double_quant:
+        return n + nblocks + 4 * math.ceil(nblocks / 256) + 4 + 256 * 4
+    return n + 4 * nblocks
+
+
+def _dtype(x) -> torch.dtype:
+    if isinstance(x, torch.dtype):
+        return x
+    if x in _DTYPES:
+        return _DTYPES[x]
+    raise ValueError(f"weight_dtype must be a torch dtype or one of {sorted(_DTYPES)}, got {x!r}")
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _check_args(method, optimizer, r, batch_size, seq_len):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    for name, v in (("r", r), ("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+def _optimizer_bytes(optimizer: str, trainable: list[tuple[int, torch.dtype]]) -> int:
+    """AdamW: exp_avg and exp_avg_sq in the parameter's dtype, plus a float32 `step`
+    tensor per parameter tensor (torch.optim.AdamW's state layout). SGD: nothing."""
+    if optimizer == "sgd":
+        return 0
+    return sum(2 * n * _size(dt) + 4 for n, dt in trainable)
+
+
+def activation_bytes(spec: ModelSpec, method: str, batch_size: int, seq_len: int,
+                     act_dtype: torch.dtype = torch.float32, r: int = 8,
+                     targets: tuple[str, ...] = LLAMA_LINEARS, dropout: float = 0.0,
+                     grad_checkpointing: bool = False) -> int:
+    """Bytes autograd saves for one forward pass of a pre-norm Llama (sdpa attention).
+
+    Counted per token, tensor by tensor, as `examples/llama.py` (and Hugging Face's
+    Llama, up to small differences in RMSNorm) saves them:
+
+    - RMSNorm in fp32: its input and `rsqrt(mean(x^2))`, plus the normalized `x`
+      when the norm weight trains (full fine-tuning only);
+    - each linear layer: its input when its weight trains (full) or it has an adapter
+      (`lora_A` needs it), and the r-wide `lora_A` output (`lora_B` needs it);
+      LoRA dropout adds its output and a one-byte mask per target;
+    - attention (scaled_dot_product_attention, no T x T matrix): q, the repeated k
+      and v, the output (d each) and a log-sum-exp per head;
+    - SwiGLU: gate and up outputs and silu(gate) (3 x intermediate); the product is
+      down_proj's input, counted with the linear layers;
+    - outside the blocks: the RoPE tables gathered at each position, the final norm,
+      the log-softmax of the logits kept by cross-entropy, and the int64 labels.
+
+    With `grad_checkpointing`, each block keeps only its input, and one block's
+    activations live again during its recomputation.
+    """
+    a, d, f, nh = _size(act_dtype), spec.hidden_size, spec.intermediate_size, spec.num_heads
+    full = method == "full"
+    shapes = spec.linear_shapes()
+    t = set(LLAMA_LINEARS) if full else set(targets)
+    drop = 0.0 if full or dropout == 0 else 1.0
+
+    def linear_in(names) -> int:  # input of linears sharing one input tensor, + LoRA extras
+        hit = [n for n in names if n in t]
+        if not hit:
+            return 0
+        per = 0 if full else sum(r * a + drop * (a + 1) * shapes[n][1] for n in hit)
+        return a * shapes[hit[0]][1] + int(per)
+
+    def norm(input_requires_grad: bool) -> int:
+        return (4 * d + 4 if input_requires_grad or full else 0) + (4 * d if full else 0)
+
+    def block(input_requires_grad: bool) -> int:
+        # With LoRA the first block's input (the frozen embedding) needs no gradient.
+        attn = 4 * a * d + 4 * nh
+        mlp = 3 * a * f  # gate output (for silu), silu(gate) and up output (for the product)
+        return (norm(input_requires_grad) + norm(True) + linear_in(("q_proj", "k_proj", "v_proj")) + linear_in(("o_proj",))
+                + linear_in(("gate_proj", "up_proj")) + linear_in(("down_proj",)) + attn + mlp)
+
+    per_token_layers = block(False) + (spec.num_layers - 1) * block(True)
+    if grad_checkpointing:
+        per_token_layers = spec.num_layers * a * d + block(True)
+    final_norm = (4 * d + 4) + (4 * d + a * d if full else 0)
+    outside = 4 * spec.head_dim + final_norm + a * spec.vocab_size + 8 + (8 if full else 0)
+    return batch_size * seq_len * (per_token_layers + outside)
+
+
+def _estimate_from_spec(spec: ModelSpec, method, r, targets, weight_dtype, adapter_dtype,
+                        optimizer, blocksize, double_quant):
+    wsize, asize = _size(weight_dtype), _size(adapter_dtype)
+    total = spec.num_parameters()
+    if method == "full":
+        trainable = [(n, weight_dtype) for n in spec.parameter_numels()]
+        return (total * wsize, total * wsize, _optimizer_bytes(optimizer, trainable), total,
+                total, {})
+    shapes = {n: s for n, s in spec.linear_shapes().items() if n in targets}
+    lora = [(r * n, adapter_dtype) for o, i in shapes.values() for n in (i, o)]  # A, B
+    lora = lora * spec.num_layers
+    trainable = sum(n for n, _ in lora)
+    weights = total * wsize + trainable * asize
+    details = {}
+    if method == "qlora":
+        q = spec.num_layers * sum(nf4_storage_bytes(o * i, blocksize, double_quant)
+                                  for o, i in shapes.values())
+        weights += q - spec.num_layers * sum(o * i for o, i in shapes.values()) * wsize
+        details["nf4_base"] = q
+    return (weights, trainable * asize, _optimizer_bytes(optimizer, lora), trainable,
+            total + trainable, details)
+
+
+def _estimate_from_model(model: nn.Module, method, r, target_modules, weight_dtype,
+                         adapter_dtype, optimizer, blocksize, double_quant):
+    from .config import LoRAConfig
+    from .inject import resolve_targets
+
+    wsize, asize = _size(weight_dtype), _size(adapter_dtype)
+    params = {id(p): p for p in model.parameters()}  # tied weights counted once
+    buffers = {id(b): b for b in model.buffers()}
+    total = sum(p.numel() for p in params.values())
+    buf_bytes = sum(b.numel() * b.element_size() for b in buffers.values())
+    if method == "full":
+        trainable = [(p.numel(), weight_dtype) for p in params.values()]
+        w = total * wsize + buf_bytes
+        return w, total * wsize, _optimizer_bytes(optimizer, trainable), total, total, {}
+    names = resolve_targets(model, LoRAConfig(r=r, target_modules=target_modules))
+    mods = dict(model.named_modules())
+    lora, target_numel, q = [], 0, 0
+    for n in names:
+        m = mods[n]
+        weight = m.weight
+        out_f, in_f = weight.shape if weight.dim() == 2 else (weight.numel(), 1)
+        lora += [(r * in_f, adapter_dtype), (r * out_f, adapter_dtype)]
+        target_numel += weight.numel()
+        q += nf4_storage_bytes(weight.numel(), blocksize, double_quant)
+    trainable = sum(n for n, _ in lora)
+    weights = total * wsize + buf_bytes + trainable * asize
+    details = {}
+    if method == "qlora":
+        weights += q - target_numel * wsize
+        details["nf4_base"] = q
+    return (weights, trainable * asize, _optimizer_bytes(optimizer, lora), trainable,
+            total + trainable, details)
+
+
+def estimate(model_or_config, method: str = "lora", r: int = 8,
+             target_modules=LLAMA_LINEARS, weight_dtype="bf16", adapter_dtype="fp32",
+             optimizer: str = "adamw", batch_size: int = 1, seq_len: int = 512,
+             grad_checkpointing: bool = False, act_dtype=None, dropout: float = 0.0,
+             blocksize: int = 64, double_quant: bool = True) -> MemoryEstimate:
+    """Estimate training memory in bytes, part by part.
+
+    Args:
+        model_or_config: an `nn.Module` (its real tensors are counted; a `config`
+            attribute gives the shape for activations), a `ModelSpec`, a config object
+            with Hugging Face names, or a preset name (see `PRESETS`).
+        method: "full", "lora" or "qlora" (NF4 base for the targeted linears).
+        r: LoRA rank. target_modules: linear-layer names that get adapters
+            (and NF4 weights with qlora); "all-linear" works for a model.
+        weight_dtype: storage of the (frozen or trained) base weights.
+        adapter_dtype: storage of the LoRA parameters (fp32 is the usual choice).
+        optimizer: "adamw" (two states per trainable parameter) or "sgd" (none).
+        batch_size, seq_len: tokens per step = batch_size * seq_len.
+        grad_checkpointing: keep only block inputs, recompute the rest in backward.
+        act_dtype: dtype of activations; defaults to weight_dtype (full, lora) or
+            the adapter dtype (qlora, which computes in the adapter dtype).
+    """
+    _check_args(method, optimizer, r, batch_size, seq_len)
+    weight_dtype, adapter_dtype = _dtype(weight_dtype), _dtype(adapter_dtype)
+    if isinstance(model_or_config, str):
+        if model_or_config not in PRESETS:
+            raise ValueError(f"model_or_config: unknown preset {model_or_config!r}; "
+                             f"known: {sorted(PRESETS)}")
+        model_or_config = PRESETS[model_or_config]
+    if isinstance(model_or_config, nn.Module):
+        cfg = getattr(model_or_config, "config", None)
+        spec = ModelSpec.from_config(cfg) if cfg is not None else None
+        parts = _estimate_from_model(model_or_config, method, r, target_modules, weight_dtype,
+                                     adapter_dtype, optimizer, blocksize, double_quant)
+    else:
+        spec = (model_or_config if isinstance(model_or_config, ModelSpec)
+                else ModelSpec.from_config(model_or_config))
+        targets = LLAMA_LINEARS if target_modules == "all-linear" else tuple(target_modules)
+        unknown = set(targets) - set(LLAMA_LINEARS)
+        if unknown:
+            raise ValueError(f"target_modules: {sorted(unknown)} are not Llama linear layers; "
+                             f"allowed: {LLAMA_LINEARS} or 'all-linear'")
+        parts = _estimate_from_spec(spec, method, r, targets, weight_dtype, adapter_dtype,
+                                    optimizer, blocksize, double_quant)
+    weights, grads, opt, trainable, total, details = parts
+    acts = 0
+    if spec is not None:
+        if act_dtype is None:
+            act_dtype = adapter_dtype if method == "qlora" else weight_dtype
+        targets = (LLAMA_LINEARS if isinstance(target_modules, str)
+                   else tuple(n.split(".")[-1] for n in target_modules))
+        acts = activation_bytes(spec, method, batch_size, seq_len, _dtype(act_dtype), r,
+                                targets, dropout, grad_checkpointing)
+    return MemoryEstimate(weights, grads, opt, acts, trainable, total, details)
+
+
+def saved_activation_bytes(model: nn.Module, fn: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
+    """Bytes of the distinct tensors autograd saves while `fn()` runs (not the model's
+    own parameters and buffers, which are weights). Returns (bytes, fn's result)."""
+    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        if s.data_ptr() not in own:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def tensor_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Bytes the model and optimizer really hold: weights (parameters and buffers),
+    gradients, optimizer states. Shared tensors are counted once."""
+    def nbytes(ts):
+        uniq = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}
+        return sum(uniq.values())
+    weights = nbytes([*model.parameters(), *model.buffers()])
+    grads = nbytes([p.grad for p in model.parameters() if p.grad is not None])
+    states = []
+    if optimizer is not None:
+        for st in optimizer.state.values():
+            states += [v for v in st.values() if torch.is_tensor(v)]
+    return {"weights": weights, "gradients": grads, "optimizer_states": nbytes(states)}
+
+
+def memory_usage() -> dict[str, int]:
+    """Current and peak memory of this process (and of the GPU when there is one), bytes."""
+    out = {"rss": 0, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    try:
+        with open("/proc/self/statm") as f:
+            out["rss"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        out["rss"] = out["peak_rss"]
+    if torch.cuda.is_available():
+        out["gpu_allocated"] = torch.cuda.memory_allocated()
+        out["gpu_peak_allocated"] = torch.cuda.max_memory_allocated()
+    return out
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def print_memory_usage() -> None:
+    """Print the process's (and GPU's) current and peak memory, e.g. after loading a model."""
+    u = memory_usage()
+    line = f"process memory: {fmt_bytes(u['rss'])} (peak {fmt_bytes(u['peak_rss'])})"
+    if "gpu_allocated" in u:
+        line += (f" || GPU memory: {fmt_bytes(u['gpu_allocated'])} "
+                 f"(peak {fmt_bytes(u['gpu_peak_allocated'])})")
+    print(line)
+
+
+def format_table(estimates: dict[str, MemoryEstimate]) -> str:
+    """A Markdown table, one column per estimate."""
+    cols = list(estimates)
+    lines = ["| part | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    first = estimates[cols[0]]
+    for i, (part, _) in enumerate(first.rows()):
+        cells = [fmt_bytes(estimates[c].rows()[i][1]) for c in cols]
+        lines.append(f"| {part} | " + " | ".join(cells) + " |")
+    cells = [f"{estimates[c].trainable_params:,}" for c in cols]
+    lines.append("| trainable params | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lora.memory", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="llama-3-8b", help=f"one of {sorted(PRESETS)}")
+    p.add_argument("--method", default="all", help="full, lora, qlora or all (side by side)")
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--weight-dtype", default="bf16")
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    args = p.parse_args(argv)
+    if args.config not in PRESETS:
+        p.error(f"--config must be one of {sorted(PRESETS)}, got {args.config!r}")
+    if args.method != "all" and args.method not in METHODS:
+        p.error(f"--method must be one of {METHODS} or 'all', got {args.method!r}")
+    methods = METHODS if args.method == "all" else (args.method,)
+    spec = PRESETS[args.config]
+    est = {m: estimate(spec, m, r=args.r, weight_dtype=args.weight_dtype,
+                       optimizer=args.optimizer, batch_size=args.batch_size,
+                       seq_len=args.seq_len, grad_checkpointing=args.grad_checkpointing,
+                       act_dtype=args.weight_dtype)
+           for m in methods}
+    print(f"{spec.name}: {spec.num_parameters():,} parameters; r={args.r}, all linear layers, "
+          f"{args.weight_dtype} weights, {args.optimizer}, batch {args.batch_size} x "
+          f"{args.seq_len} tokens{', gradient checkpointing' if args.grad_checkpointing else ''}")
+    print(format_table(est))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
