@@ -27,7 +27,7 @@ import math
 import os
 import resource
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch

@@ -4,12 +4,19 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from lora import LoRAConfig, apply_lora
-from lora.memory import (PRESETS, ModelSpec, estimate, main, memory_usage, nf4_storage_bytes,
-                         saved_activation_bytes, tensor_bytes)
+from lora.memory import (
+    PRESETS,
+    ModelSpec,
+    estimate,
+    main,
+    memory_usage,
+    nf4_storage_bytes,
+    saved_activation_bytes,
+    tensor_bytes,
+)
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 from llama import Llama, LlamaConfig  # noqa: E402
@@ -17,12 +24,16 @@ from llama import Llama, LlamaConfig  # noqa: E402
 TINY = dict(vocab_size=256, dim=48, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=112, max_seq_len=64)
 
 
-def _train_step(model, idx, optimizer):
-    """One step; returns the bytes autograd saved in the forward pass."""
+def _loss_fn(model, idx):
     def loss_fn():
         logits = model(idx)  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1), idx.flatten())
-    saved, loss = saved_activation_bytes(model, loss_fn)
+    return loss_fn
+
+
+def _train_step(model, idx, optimizer):
+    """One step; returns the bytes autograd saved in the forward pass."""
+    saved, loss = saved_activation_bytes(model, _loss_fn(model, idx))
     loss.backward()
     optimizer.step()
     return saved
@@ -58,8 +69,7 @@ def test_activation_estimate_tracks_batch_and_targets():
                        batch_size=3, seq_len=16)
         apply_lora(model, LoRAConfig(r=8, alpha=8, target_modules=targets))
         idx = torch.randint(0, TINY["vocab_size"], (3, 16))
-        saved, _ = saved_activation_bytes(
-            model, lambda: F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()))
+        saved, _ = saved_activation_bytes(model, _loss_fn(model, idx))
         assert abs(est.activations - saved) <= 0.15 * saved, (targets, est.activations, saved)
 
 
