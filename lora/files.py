@@ -148,7 +148,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     """Load an adapter folder (ours or one written by PEFT for the same model).
 
     If the model has no adapter called `adapter_name`, it is added first (as `apply_lora`
-    with the file's config). Keys and shapes are checked before anything is copied; on
+    with the file's config); then the whole model is frozen unless `is_trainable`. Keys and shapes are checked before anything is copied; on
     any mismatch a ValueError names the keys and the model is left as it was.
 
     Returns the qualified names of the layers that carry the adapter.
@@ -159,9 +159,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     try:
         if adapter_name not in snap["configs"]:
             apply_lora(model, config, adapter_name=adapter_name)
-            if not is_trainable:  # inference: the new adapter is frozen, the rest as it was
-                for p in model.parameters():
-                    p.requires_grad_(snap["grad"].get(id(p), False))
+            if not is_trainable:  # inference, as PEFT's from_pretrained: everything frozen
+                model.requires_grad_(False)
         merged = [path for path, layer in lora_layers(model) if adapter_name in layer.merged_adapters]
         if merged:
             raise ValueError(f"adapter {adapter_name!r} is merged in {merged}; unmerge() before loading")
