@@ -10,12 +10,15 @@ from .blockwise import (
     state_absmax,
 )
 from .codes import dynamic_map_8bit, fp4_code, get_code, int4_code, nf4_code, normal_float_code
+from .linear import LinearNF4, NF4LinearFunction, quantize_model
 from .packing import pack_nibbles, unpack_nibbles
 from .state import QuantState
 
 __all__ = [
     "NESTED_BLOCKSIZE",
     "VALID_BLOCKSIZES",
+    "LinearNF4",
+    "NF4LinearFunction",
     "QuantState",
     "dequantize_4bit",
     "dequantize_blockwise_8bit",
@@ -28,6 +31,7 @@ __all__ = [
     "pack_nibbles",
     "quantize_4bit",
     "quantize_blockwise_8bit",
+    "quantize_model",
     "state_absmax",
     "unpack_nibbles",
 ]

@@ -1,0 +1,243 @@
+"""`LinearNF4`: a frozen linear layer whose weight is stored in 4 bits (QLoRA sec. 3).
+
+The layer holds the packed codes and the quantization state as buffers (so `.to()` and
+`state_dict()` work) and computes `y = x @ W.T + b` in a compute dtype (bfloat16 by
+default), dequantizing W on the fly. Its backward gives the input gradient by
+dequantizing W again, so no full-precision copy of W is kept between forward and
+backward: the memory saving that lets QLoRA fine-tune a 65B model on one GPU.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blockwise import (
+    FLOAT_DTYPES,
+    NESTED_BLOCKSIZE,
+    QUANT_TYPES,
+    check_blocksize,
+    dequantize_4bit,
+    quantize_4bit,
+)
+from .codes import dynamic_map_8bit, get_code
+from .state import QuantState
+
+
+def _matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """`x @ W.T + bias` with W dequantized to x's dtype: the one place a 4-bit layer computes.
+
+    Shapes: x (..., in_features), W (out_features, in_features) -> (..., out_features).
+    """
+    weight = dequantize_4bit(packed, state, dtype=x.dtype)  # (out, in), freed after the call
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+class NF4LinearFunction(torch.autograd.Function):
+    """`y = x @ W.T + b` with a frozen 4-bit W; saves only the packed codes for backward.
+
+    Backward, for y = x W^T + b with x (M, K), W (N, K), g = dL/dy (M, N):
+        dL/dx = g W        (W dequantized again, in g's dtype)
+        dL/db = sum_m g[m]
+        dL/dW: none (W is frozen; `packed` holds integer codes).
+    """
+
+    @staticmethod
+    def forward(ctx, x, packed, state, bias):
+        ctx.state = state
+        ctx.save_for_backward(packed)
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _matmul_nf4(x, packed, state, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (packed,) = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = dequantize_4bit(packed, ctx.state, dtype=grad_y.dtype)  # (N, K)
+            grad_x = grad_y @ weight  # (..., N) @ (N, K) -> (..., K)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(ctx.bias_dtype)  # (M, N) -> (N,)
+        return grad_x, None, None, grad_bias
+
+
+def _check_compute_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    if compute_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"compute_dtype must be torch.bfloat16, torch.float16 or torch.float32, "
+                         f"got {compute_dtype!r}")
+    return compute_dtype
+
+
+class LinearNF4(nn.Module):
+    """A frozen linear layer with a 4-bit (NF4 by default) weight.
+
+    Args:
+        in_features, out_features: layer sizes.
+        bias: whether to hold a (frozen) bias.
+        weight: optional `(out_features, in_features)` float weight to quantize; default
+            nn.Linear's kaiming-uniform initialization.
+        quant_type: "nf4" (QLoRA's NormalFloat), "fp4" or "int4".
+        blocksize: weights per absmax block (64 in QLoRA sec. 3).
+        double_quant: 8-bit quantize the absmax values too (QLoRA sec. 3; ~0.37 bits saved per parameter).
+        compute_dtype: dtype of the matmul: bfloat16 (default, QLoRA's) or float32/float16.
+
+    Buffers: `weight_packed` ((n + 1) // 2,) uint8, `absmax`, and with double quantization
+    `offset`, `nested_absmax`; non-persistent `code`, `nested_code` (constants).
+    Shapes: x (..., in_features) -> (..., out_features), in x's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 weight: torch.Tensor | None = None, quant_type: str = "nf4", blocksize: int = 64,
+                 double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+        check_blocksize(blocksize)
+        self.in_features, self.out_features = in_features, out_features
+        self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, bool(double_quant)
+        self.compute_dtype = _check_compute_dtype(compute_dtype)
+        if weight is None:
+            weight = torch.empty(out_features, in_features, device=device)
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's default
+        elif tuple(weight.shape) != (out_features, in_features):
+            raise ValueError(f"weight must have shape ({out_features}, {in_features}), got {tuple(weight.shape)}")
+        self.weight_dtype = weight.dtype
+        self._quantize_into_buffers(weight.detach())
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=weight.device, dtype=weight.dtype),
+                                     requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def _quantize_into_buffers(self, weight: torch.Tensor) -> None:
+        packed, state = quantize_4bit(weight, self.quant_type, self.blocksize, self.double_quant)
+        self.register_buffer("weight_packed", packed)
+        self.register_buffer("absmax", state.absmax)
+        self.register_buffer("code", state.code, persistent=False)
+        if self.double_quant:
+            self.register_buffer("offset", state.offset)
+            self.register_buffer("nested_absmax", state.nested_absmax)
+            self.register_buffer("nested_code", state.nested_code, persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
+                    double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16) -> "LinearNF4":
+        """Quantize an `nn.Linear` (its weight and bias are copied, the original is untouched)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    weight=linear.weight.detach(), quant_type=quant_type, blocksize=blocksize,
+                    double_quant=double_quant, compute_dtype=compute_dtype)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    @property
+    def quant_state(self) -> QuantState:
+        """The `QuantState` of the weight, built from the buffers (shares their storage)."""
+        device = self.weight_packed.device
+        code = self.code if self.code.device == device else get_code(self.quant_type).to(device)
+        state = QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
+                           dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
+                           code=code)
+        if self.double_quant:
+            state.offset = self.offset
+            state.nested_absmax = self.nested_absmax
+            state.nested_code = self.nested_code if self.nested_code.device == device \
+                else dynamic_map_8bit().to(device)
+            state.nested_blocksize = NESTED_BLOCKSIZE
+        return state
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense `(out_features, in_features)` weight (default dtype: the original weight's)."""
+        return dequantize_4bit(self.weight_packed, self.quant_state, dtype=dtype or self.weight_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have last dimension in_features={self.in_features}, got {tuple(x.shape)}")
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        y = NF4LinearFunction.apply(x.to(self.compute_dtype), self.weight_packed, self.quant_state, bias)
+        return y.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # `.half()` / `.to(dtype)` must move, never cast, the float32 absmax and code books:
+        # a float16 absmax would change every dequantized value.
+        keep = {k: b for k, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    def storage_bytes(self) -> int:
+        """Bytes of the 4-bit weight: packed codes + absmax (+ nested absmax and offset); no bias."""
+        tensors = [self.weight_packed, self.absmax]
+        if self.double_quant:
+            tensors += [self.offset, self.nested_absmax]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def bits_per_parameter(self) -> float:
+        """Storage bits per weight: 4.5 at blocksize 64 without double quantization, ~4.127 with
+        it (QLoRA sec. 3: 32/64 bits of absmax become 8/64 + 32/(64 * 256))."""
+        return 8 * self.storage_bytes() / (self.in_features * self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
+                f"compute_dtype={self.compute_dtype}")
+
+
+def _name_matches(patterns: str | Iterable[str] | None, name: str) -> bool:
+    if patterns is None:
+        return True
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def quantize_model(model: nn.Module, target_modules: str | Iterable[str] | None = None, *,
+                   exclude_modules: str | Iterable[str] | None = None, quant_type: str = "nf4",
+                   blocksize: int = 64, double_quant: bool = True,
+                   compute_dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> nn.Module:
+    """Replace `nn.Linear` modules of `model` by `LinearNF4`, in place.
+
+    Args:
+        model: any module.
+        target_modules: None for every `nn.Linear`; a list of names (a name matches itself
+            or any name ending in "." + it, as PEFT); or a regex string for the full name.
+        exclude_modules: names or regex to leave in full precision (e.g. ["lm_head"]).
+        quant_type, blocksize, double_quant, compute_dtype: as `LinearNF4`.
+        progress: show a tqdm bar.
+
+    Returns:
+        `model` itself. Raises ValueError if the targets match no `nn.Linear`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    names = [n for n, m in model.named_modules()
+             if type(m) is nn.Linear and n and _name_matches(target_modules, n)
+             and not (exclude_modules is not None and _name_matches(exclude_modules, n))]
+    if not names:
+        linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
+        raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear of {type(model).__name__}; "
+                         f"nn.Linear modules: {linears[:40]}")
+    from tqdm.auto import tqdm
+
+    for name in tqdm(names, desc="quantize", disable=not progress):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LinearNF4.from_linear(getattr(parent, child), quant_type=quant_type,
+                                                     blocksize=blocksize, double_quant=double_quant,
+                                                     compute_dtype=compute_dtype))
+    return model
