@@ -45,8 +45,7 @@ def candidate_configs(kind: str) -> list[TileConfig]:
         return [_c(block_bytes=b, num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8)]
     if kind == "gemv":
         return [_c(block_n=n, block_k=k, split_k=s, num_warps=w, num_stages=st)
-                for n, k, w, st in ((32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 8, 3),
-                                    (128, 128, 8, 3), (16, 512, 4, 3))
+                for n, k, w, st in ((32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 8, 3))
                 for s in (1, 2, 4, 8)]
     if kind in ("gemm", "grad_input"):
         shapes = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
