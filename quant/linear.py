@@ -142,6 +142,15 @@ class LinearNF4(nn.Module):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Replace the stored weight by the quantization of `weight` ((out_features, in_features), float)."""
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (self.out_features, self.in_features):
+            got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise ValueError(f"weight must be a tensor of shape ({self.out_features}, {self.in_features}), got {got}")
+        device = self.weight_packed.device
+        self._quantize_into_buffers(weight.detach().to(device))
+
     @property
     def quant_state(self) -> QuantState:
         """The `QuantState` of the weight, built from the buffers (shares their storage)."""
