@@ -281,15 +281,25 @@ def _param_count(p: torch.Tensor) -> int:
     return p.numel() * 2 if p.dtype == torch.uint8 else p.numel()
 
 
+def _quantized_weight_count(model: nn.Module) -> int:
+    """Weights held as packed 4-bit codes in a `weight_packed` buffer (as `quant.LinearNF4`):
+    `in_features * out_features` each, so QLoRA counts match PEFT's (which counts
+    bitsandbytes' Params4bit as parameters)."""
+    return sum(m.in_features * m.out_features for m in model.modules()
+               if isinstance(m._buffers.get("weight_packed"), torch.Tensor)
+               and hasattr(m, "in_features") and hasattr(m, "out_features"))
+
+
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameter counts; shared (tied) tensors count once."""
+    """(trainable, all) parameter counts; shared (tied) tensors count once, frozen 4-bit
+    weights count one per value."""
     trainable = total = 0
     for p in model.parameters():
         n = _param_count(p)
         total += n
         if p.requires_grad:
             trainable += n
-    return trainable, total
+    return trainable, total + _quantized_weight_count(model)
 
 
 def print_trainable_parameters(model: nn.Module) -> None:

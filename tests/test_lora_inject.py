@@ -206,3 +206,15 @@ def test_print_trainable_parameters_gpt2_small(capsys):
     print_trainable_parameters(model)
     assert capsys.readouterr().out == "trainable params: 294,912 || all params: 124,734,720 || trainable%: 0.2364\n"
     assert trainable_parameters(model) == (294_912, 124_734_720)
+
+
+def test_four_bit_weights_count_once_per_value():
+    class Packed4bit(nn.Module):  # the shape of quant.LinearNF4: packed codes in a buffer, a float bias
+        def __init__(self, fin, fout):
+            super().__init__()
+            self.in_features, self.out_features = fin, fout
+            self.register_buffer("weight_packed", torch.zeros((fin * fout + 1) // 2, dtype=torch.uint8))
+            self.bias = nn.Parameter(torch.zeros(fout), requires_grad=False)
+
+    model = nn.Sequential(Packed4bit(9, 5), nn.Linear(5, 3))
+    assert trainable_parameters(model) == (15 + 3, 9 * 5 + 5 + 15 + 3)
