@@ -144,22 +144,43 @@ def load_weight_codes(packed_ptr, table_ptr, offs_n, k0, N, K,
 def load_weight_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, offs_n, k0, N, K,
                        BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
                        DOUBLE_QUANT: tl.constexpr, GROUPS: tl.constexpr):
-    """Scales of W[offs_n, k0:k0 + BLOCK_K], (BLOCK_N, GROUPS) with GROUPS = max(1, BLOCK_K // BLOCKSIZE).
+    """Scales of W[offs_n, k0:k0 + BLOCK_K] with GROUPS = max(1, BLOCK_K // BLOCKSIZE):
+    (BLOCK_N,) when the tile lies inside one block (GROUPS == 1), else (BLOCK_N, GROUPS).
 
     Needs K % BLOCKSIZE == 0, so that a block never spans two rows.
     """
-    offs_g = tl.arange(0, GROUPS)
-    block = (offs_n.to(tl.int64) * K + k0)[:, None] // BLOCKSIZE + offs_g[None, :]
-    mask = (offs_n[:, None] < N) & ((k0 + offs_g[None, :] * BLOCKSIZE) < K)
-    return load_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, block, mask,
-                       NESTED_BLOCKSIZE, DOUBLE_QUANT)
+    first = (offs_n.to(tl.int64) * K + k0) // BLOCKSIZE  # (BLOCK_N,) block of the tile's first column
+    if GROUPS == 1:
+        return load_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, first,
+                           offs_n < N, NESTED_BLOCKSIZE, DOUBLE_QUANT)
+    else:
+        offs_g = tl.arange(0, GROUPS)
+        mask = (offs_n[:, None] < N) & ((k0 + offs_g[None, :] * BLOCKSIZE) < K)
+        return load_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
+                           first[:, None] + offs_g[None, :], mask, NESTED_BLOCKSIZE, DOUBLE_QUANT)
 
 
 @triton.jit
 def scale_codes(codes, scales, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPS: tl.constexpr):
-    """codes (BLOCK_N, BLOCK_K) times scales (BLOCK_N, GROUPS), each scale over BLOCK_K // GROUPS columns."""
-    w = tl.reshape(codes, (BLOCK_N, GROUPS, BLOCK_K // GROUPS)) * scales[:, :, None]
-    return tl.reshape(w, (BLOCK_N, BLOCK_K))  # (BLOCK_N, BLOCK_K)
+    """codes (BLOCK_N, BLOCK_K) times the scales of `load_weight_scales`, each scale over
+    BLOCK_K // GROUPS columns."""
+    if GROUPS == 1:
+        return codes * scales[:, None]
+    else:
+        w = tl.reshape(codes, (BLOCK_N, GROUPS, BLOCK_K // GROUPS)) * scales[:, :, None]
+        return tl.reshape(w, (BLOCK_N, BLOCK_K))  # (BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def sum_scaled_blocks(prod, scales, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      GROUPS: tl.constexpr):
+    """Row sums of prod (BLOCK_N, BLOCK_K), each block's partial sum times its scale once:
+    sum_g scales[n, g] * sum_{k in block g} prod[n, k] -> (BLOCK_N,)."""
+    if GROUPS == 1:
+        return tl.sum(prod, axis=1) * scales
+    else:
+        per_block = tl.sum(tl.reshape(prod, (BLOCK_N, GROUPS, BLOCK_K // GROUPS)), axis=2)
+        return tl.sum(per_block * scales, axis=1)  # per_block: (BLOCK_N, GROUPS)
 
 
 @triton.jit

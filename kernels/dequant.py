@@ -35,8 +35,8 @@ def _dequant_kernel(packed_ptr, table_ptr, absmax_ptr, nested_code_ptr, nested_a
 
 
 def _launch(packed, state, out, cfg: TileConfig) -> None:
-    cols = min(state.blocksize // 2, cfg.block_bytes)
-    rows = max(1, cfg.block_bytes // cols)
+    cols = min(state.blocksize // 2, max(1, cfg.block_bytes // 2))  # divides blocksize / 2
+    rows = max(2, cfg.block_bytes // cols)  # >= 2: no size-1 tile dimension
     nbytes = packed.numel()
     grid = (triton.cdiv(nbytes, rows * cols),)
     _dequant_kernel[grid](packed, byte_pair_table(state.code), *scale_args(state), out,

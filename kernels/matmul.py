@@ -31,6 +31,7 @@ from ._format import (
     load_weight_scales,
     scale_args,
     scale_codes,
+    sum_scaled_blocks,
 )
 from .tuning import TileConfig, pick_config
 
@@ -50,7 +51,6 @@ def _gemv_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, nested_code_ptr, nest
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_m = tl.arange(0, BLOCK_M)
     k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
     k_begin = pid_s * k_per_split
     k_end = tl.minimum(K, k_begin + k_per_split)
@@ -66,26 +66,25 @@ def _gemv_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, nested_code_ptr, nest
         mask_k = (k0 + offs_k) < K
         if BLOCK_M == 1:
             x = tl.load(x_ptr + k0 + offs_k, mask=mask_k, other=0.0).to(tl.float32)  # (BLOCK_K,)
-            prod = tl.reshape(codes * x[None, :], (BLOCK_N, GROUPS, BLOCK_K // GROUPS))
-            per_block = tl.sum(prod, axis=2)  # (BLOCK_N, GROUPS): one sum per quantization block
-            acc += tl.sum(per_block * scales, axis=1)  # the block scale applied once
+            # One sum per quantization block, then the block's scale applied once to it.
+            acc += sum_scaled_blocks(codes * x[None, :], scales, BLOCK_N, BLOCK_K, GROUPS)
         else:
+            offs_m = tl.arange(0, BLOCK_M)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
                         mask=(offs_m[:, None] < M) & mask_k[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
             w = scale_codes(codes, scales, BLOCK_N, BLOCK_K, GROUPS).to(x.dtype)  # (BLOCK_N, BLOCK_K)
             acc = dot_acc(x, tl.trans(w), acc, DOT_FP32)
-    if BLOCK_M == 1:
-        out = acc[None, :]  # (1, BLOCK_N)
-    else:
-        out = acc
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    ptrs = out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
-            out += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    out = acc.to(out_ptr.dtype.element_ty)  # float32 partials when SPLIT_K > 1 (summed by the launcher)
+    if BLOCK_M == 1:
+        tl.store(out_ptr + pid_s * stride_os + offs_n, out, mask=offs_n < N)
     else:
-        tl.store(ptrs, out, mask=mask)  # float32 partials, summed by the launcher
+        offs_m = tl.arange(0, BLOCK_M)
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(out_ptr + pid_s * stride_os + offs_m[:, None] * stride_om + offs_n[None, :], out,
+                 mask=mask)
 
 
 @triton.jit
