@@ -1,0 +1,291 @@
+"""A small Llama in pure PyTorch: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Enough to run SmolLM2 and other Llama-architecture checkpoints loaded from GGUF
+files (see `gguf_loader.py`), to fine-tune them, and to generate text with a KV cache.
+
+Module names follow Hugging Face's `LlamaForCausalLM` (`model.layers.0.self_attn.q_proj`,
+`mlp.gate_proj`, ...), so `lora.apply_lora` finds the linear layers the way it would in
+a user's own model, and adapter files carry the usual key names.
+
+One difference from Hugging Face: RoPE rotates *adjacent* pairs `(x[2i], x[2i+1])`
+(the "GPT-J"/Meta layout), because GGUF files store the Q and K rows permuted for it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LlamaConfig:
+    """Shape of a Llama model. Defaults are SmolLM2-135M."""
+
+    vocab_size: int = 49152  # token embeddings; tied to the output layer when tie_embeddings
+    dim: int = 576  # model width d
+    n_layers: int = 30  # transformer blocks; depth costs time linearly
+    n_heads: int = 9  # query heads; head_dim = dim // n_heads
+    n_kv_heads: int = 3  # key/value heads (GQA, Ainslie et al. 2023); fewer = smaller KV cache
+    ffn_dim: int = 1536  # SwiGLU hidden width (Shazeer 2020)
+    rope_base: float = 100000.0  # RoPE theta (Su et al. 2021, sec. 3.4.2); larger = longer context
+    norm_eps: float = 1e-5  # RMSNorm epsilon (Zhang & Sennrich 2019)
+    max_seq_len: int = 8192  # longest sequence the RoPE table covers
+    tie_embeddings: bool = True  # output layer shares the embedding matrix (saves vocab*dim params)
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads "
+                             f"({self.n_kv_heads})")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head_dim ({self.dim // self.n_heads}) must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    """`x / sqrt(mean(x^2) + eps) * weight`, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = upcast(x)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.to(xf.dtype)).to(x.dtype)
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or float64 if it already is (norms and RoPE run at least in float32)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of `pos * base^(-2i/head_dim)` (RoFormer, Su et al. 2021, eq. 15).
+
+    Computed in float64 from the positions at each call (cheap: T * head_dim / 2 values),
+    so they stay exact whatever dtype the model is cast to.
+
+    Args:
+        positions: (B, T) integer positions.
+
+    Returns:
+        cos, sin: (B, 1, T, head_dim // 2) in `dtype`.
+    """
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64,
+                                      device=positions.device) / head_dim)  # (head_dim/2,)
+    angles = positions.double()[:, None, :, None] * inv_freq  # (B, 1, T, head_dim/2)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs `(x[..., 2i], x[..., 2i+1])` by the angles in cos/sin.
+
+    Args:
+        x: (B, H, T, head_dim).
+        cos, sin: (B, 1, T, head_dim // 2), already gathered at each token's position.
+    """
+    xf = upcast(x)
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]  # (B, H, T, head_dim/2) each
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, T, hd/2, 2)
+    return out.flatten(-2).to(x.dtype)  # (B, H, T, head_dim): pairs back in adjacent slots
+
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with RoPE and an optional KV cache."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+        """x: (B, T, dim); cos/sin: (B, 1, T, head_dim/2); mask: None (causal) or a
+        boolean (B, 1, T, S) of allowed keys; cache: a `KVCache` or None."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd): all keys so far
+        rep = self.n_heads // self.n_kv_heads
+        k = k.repeat_interleave(rep, dim=1)  # (B, H, S, hd): query head h uses kv head h // rep
+        v = v.repeat_interleave(rep, dim=1)  # (B, H, S, hd)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: `down(silu(gate(x)) * up(x))` (Shazeer 2020)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nn.Module):
+    """Embeddings, blocks and the final norm (Hugging Face's `LlamaModel`)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+class KVCache:
+    """Keys and values of every layer for a batch, grown as tokens are generated.
+
+    `valid` (B, S) marks real tokens; left padding of a batch of prompts is False there.
+    """
+
+    def __init__(self, n_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.valid: torch.Tensor | None = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append k, v (B, Hkv, T, hd) for `layer`; return all keys and values so far."""
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)  # (B, Hkv, S_old + T, hd)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+class Llama(nn.Module):
+    """A Llama causal language model (Touvron et al. 2023)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaBody(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits of the next token at every position.
+
+        Args:
+            idx: (B, T) token ids.
+            positions: (B, T) position of each token; default 0..T-1 for every row.
+            mask: None for plain causal attention (right padding is harmless then),
+                or a boolean (B, 1, T, S) of the keys each query may attend to.
+            cache: a `KVCache`, filled in place; S counts the cached tokens too.
+            last_only: compute logits at the last position only (generation needs no
+                more, and the vocab projection is the costliest matmul of a long prompt).
+
+        Returns:
+            (B, T, vocab_size) logits, or (B, 1, vocab_size) when last_only.
+        """
+        B, T = idx.shape
+        if positions is None:
+            positions = torch.arange(T, device=idx.device).expand(B, T)  # (B, T)
+        if int(positions.max()) >= self.config.max_seq_len:
+            raise ValueError(f"sequence longer than max_seq_len={self.config.max_seq_len}")
+        x = self.model.embed_tokens(idx)  # (B, T, dim)
+        cfg = self.config
+        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_base, upcast(x).dtype)
+        for i, block in enumerate(self.model.layers):
+            x = block(x, cos, sin, mask, cache, i)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, dim)
+        return self.lm_head(self.model.norm(x))
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int = 64,
+                 eos_id: int | None = None, temperature: float = 0.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
+        """Continue a batch of prompts with a KV cache; greedy when temperature == 0.
+
+        Prompts of different lengths are left-padded; each row stops at `eos_id`
+        (which is included in its output) or after `max_new_tokens`.
+
+        Returns:
+            The new tokens of each prompt (without the prompt).
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prompts must be a non-empty list of non-empty token lists")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        device = self.model.embed_tokens.weight.device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        idx = torch.zeros(B, P, dtype=torch.long, device=device)  # (B, P), left-padded
+        valid = torch.zeros(B, P, dtype=torch.bool, device=device)  # (B, P)
+        for b, p in enumerate(prompts):
+            idx[b, P - len(p):] = torch.tensor(p, device=device)
+            valid[b, P - len(p):] = True
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, P): 0 at the first real token
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()  # (P, P)
+        eye = torch.eye(P, dtype=torch.bool, device=device)  # pads attend to themselves (no NaN)
+        mask = (causal & valid[:, None, :]) | eye  # (B, P, P)
+        cache = KVCache(self.config.n_layers)
+        logits = self(idx, positions, mask.unsqueeze(1), cache, last_only=True)[:, -1]  # (B, vocab)
+        next_pos = positions[:, -1] + 1  # (B,)
+        out = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            tok = self._pick(logits, temperature, top_k, generator)  # (B,)
+            for b in range(B):
+                if not done[b]:
+                    out[b].append(int(tok[b]))
+            if eos_id is not None:
+                done |= tok == eos_id
+            if bool(done.all()):
+                break
+            valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], 1)
+            step_mask = valid[:, None, None, :]  # (B, 1, 1, S)
+            logits = self(tok[:, None], next_pos[:, None], step_mask, cache)[:, -1]  # (B, vocab)
+            next_pos = next_pos + 1
+        return out
+
+    @staticmethod
+    def _pick(logits, temperature, top_k, generator):
+        """Greedy argmax, or a sample from softmax(logits / temperature) over the top_k."""
+        if temperature == 0:
+            return logits.argmax(-1)
+        logits = logits.float() / temperature
+        if top_k is not None:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = logits.softmax(-1)  # (B, vocab)
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
