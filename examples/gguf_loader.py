@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from llama import Llama, LlamaConfig
 
 # GGUF tensor name (after "blk.{i}.") -> module path inside `Llama.model.layers[i]`.

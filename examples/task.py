@@ -111,4 +111,4 @@ def accuracy(predictions: list[str], examples: list[Example]) -> float:
         raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
     if not examples:
         raise ValueError("accuracy of an empty list of examples")
-    return sum(exact_match(p, e) for p, e in zip(predictions, examples)) / len(examples)
+    return sum(exact_match(p, e) for p, e in zip(predictions, examples, strict=True)) / len(examples)

@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
 from task import Example, completion, exact_match, prompt
+from tqdm import tqdm
 
 IGNORE = -100  # label of prompt and padding tokens: no loss there (train on the answer only)
 
@@ -124,7 +123,7 @@ def evaluate(model, tok, examples: list[Example], shots: list[Example] = (), **k
              ) -> tuple[float, list[str]]:
     """Exact-match accuracy and the predictions."""
     preds = predict(model, tok, examples, shots, **kw)
-    return sum(exact_match(p, e) for p, e in zip(preds, examples)) / len(examples), preds
+    return sum(exact_match(p, e) for p, e in zip(preds, examples, strict=True)) / len(examples), preds
 
 
 def peak_rss_bytes() -> int:

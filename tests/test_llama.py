@@ -123,7 +123,7 @@ def test_kv_cache_generation_matches_recomputation(name):
     model = tiny(name)
     prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [5, 3], [8, 9, 7, 9, 3]]  # different lengths: left padding
     batched = model.generate(prompts, max_new_tokens=6)
-    for p, out in zip(prompts, batched):
+    for p, out in zip(prompts, batched, strict=True):
         assert out == greedy_without_cache(model, p, 6)
         assert model.generate([p], max_new_tokens=6)[0] == out
 

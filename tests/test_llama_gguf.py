@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
@@ -29,7 +28,7 @@ def byte_chars() -> list[str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return [chr(c) for _, c in sorted(zip(bs, cs))]
+    return [chr(c) for _, c in sorted(zip(bs, cs, strict=True))]
 
 
 def write_tiny_gguf(path, arch="llama", seed=0, dim=16, n_layers=2, n_heads=4, n_kv=2, ffn=24):
