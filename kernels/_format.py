@@ -7,13 +7,13 @@ of `blocksize` consecutive elements has one scale `absmax[b]`, stored as float32
 double quantization (QLoRA sec. 3) as a uint8 code into `nested_code`, giving
 `nested_code[absmax[b]] * nested_absmax[b // nested_blocksize] + offset`.
 
-Decoding uses a 256-entry byte table: entry `v` holds the float32 bit patterns of both
-levels of byte `v` (`code[v >> 4]` in the high 32 bits, `code[v & 15]` in the low 32 bits),
-so one gather per byte yields two weights, and FP4 works by handing over its code book.
+Decoding looks levels up in the 16-entry float32 code book itself (`state.code`, so FP4
+and INT4 work too). Its 64 bytes sit in one cache line, so a warp's 32 lookups are served
+as one L1 request whatever the codes; a 256-entry table of byte pairs would halve the
+lookups but spread them over 16 lines (2 KiB), i.e. up to 16 requests per warp.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -22,24 +22,6 @@ from quant.state import QuantState
 
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QUANT_TYPES = ("nf4", "fp4", "int4")  # any 16-level code book works
-
-def byte_pair_table(code: torch.Tensor) -> torch.Tensor:
-    """(256,) int64: the two float32 levels of each byte value, high nibble in the high word.
-
-    Cached on the code tensor itself (keyed by its version counter), so a weight's table is
-    built once, and a code book freed and replaced at the same address is never confused.
-    """
-    cached = getattr(code, "_loralab_byte_pair_table", None)
-    if cached is not None and cached[0] == code._version:
-        return cached[1]
-    bits = code.detach().to("cpu", torch.float32).contiguous().numpy().view(np.uint32)
-    bits = bits.astype(np.uint64)  # (16,)
-    v = np.arange(256)
-    pairs = (bits[v >> 4] << np.uint64(32)) | bits[v & 15]  # (256,) uint64
-    table = torch.from_numpy(pairs.view(np.int64).copy()).to(code.device)
-    code._loralab_byte_pair_table = (code._version, table)
-    return table
-
 
 def check_state(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     """Raise a clear error when `packed`/`state` are not a 4-bit tensor the kernels can read.
@@ -106,11 +88,11 @@ def scale_args(state: QuantState) -> tuple:
 
 
 @triton.jit
-def decode_bytes(table_ptr, packed_bytes):
+def decode_bytes(code_ptr, packed_bytes):
     """(R, C) uint8 codes -> (R, 2C) float32 levels, element 2i from the high nibble of byte i."""
-    pair = tl.load(table_ptr + packed_bytes.to(tl.int32))  # (R, C) int64
-    hi = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    lo = pair.to(tl.int32).to(tl.float32, bitcast=True)
+    b = packed_bytes.to(tl.int32)
+    hi = tl.load(code_ptr + (b >> 4))  # (R, C): levels of elements 2i
+    lo = tl.load(code_ptr + (b & 15))  # (R, C): levels of elements 2i + 1
     return tl.interleave(hi, lo)
 
 
@@ -127,7 +109,7 @@ def load_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, bloc
 
 
 @triton.jit
-def load_weight_codes(packed_ptr, table_ptr, offs_n, k0, N, K,
+def load_weight_codes(packed_ptr, code_ptr, offs_n, k0, N, K,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Unscaled levels of W[offs_n, k0:k0 + BLOCK_K] as float32, (BLOCK_N, BLOCK_K).
 
@@ -137,7 +119,7 @@ def load_weight_codes(packed_ptr, table_ptr, offs_n, k0, N, K,
     row = offs_n.to(tl.int64) * (K // 2)  # (BLOCK_N,) first byte of each row
     mask = (offs_n[:, None] < N) & ((k0 + 2 * offs_b[None, :]) < K)
     b = tl.load(packed_ptr + row[:, None] + (k0 // 2 + offs_b[None, :]), mask=mask, other=0)
-    return decode_bytes(table_ptr, b)
+    return decode_bytes(code_ptr, b)
 
 
 @triton.jit

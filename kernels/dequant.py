@@ -12,12 +12,12 @@ import triton.language as tl
 
 from quant.state import QuantState
 
-from ._format import ACT_DTYPES, byte_pair_table, check_state, decode_bytes, load_scales, scale_args
+from ._format import ACT_DTYPES, check_state, decode_bytes, load_scales, scale_args
 from .tuning import TileConfig, pick_config
 
 
 @triton.jit
-def _dequant_kernel(packed_ptr, table_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr,
+def _dequant_kernel(packed_ptr, code_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr,
                     offset_ptr, out_ptr,
                     numel, nbytes,
                     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
@@ -29,7 +29,7 @@ def _dequant_kernel(packed_ptr, table_ptr, absmax_ptr, nested_code_ptr, nested_a
     first = rows * (2 * COLS)  # (ROWS,) first element of each tile row
     scale = load_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
                         first // BLOCKSIZE, first < numel, NESTED_BLOCKSIZE, DOUBLE_QUANT)
-    w = decode_bytes(table_ptr, b) * scale[:, None]  # (ROWS, 2 * COLS)
+    w = decode_bytes(code_ptr, b) * scale[:, None]  # (ROWS, 2 * COLS)
     elem = first[:, None] + tl.arange(0, 2 * COLS)[None, :]  # (ROWS, 2 * COLS)
     tl.store(out_ptr + elem, w.to(out_ptr.dtype.element_ty), mask=elem < numel)
 
@@ -39,7 +39,7 @@ def _launch(packed, state, out, cfg: TileConfig) -> None:
     rows = max(2, cfg.block_bytes // cols)  # >= 2: no size-1 tile dimension
     nbytes = packed.numel()
     grid = (triton.cdiv(nbytes, rows * cols),)
-    _dequant_kernel[grid](packed, byte_pair_table(state.code), *scale_args(state), out,
+    _dequant_kernel[grid](packed, state.code, *scale_args(state), out,
                           state.numel, nbytes,
                           BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=state.nested_blocksize,
                           DOUBLE_QUANT=state.double_quant, ROWS=rows, COLS=cols,

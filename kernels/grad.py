@@ -15,7 +15,6 @@ import triton.language as tl
 from quant.state import QuantState
 
 from ._format import (
-    byte_pair_table,
     dot_acc,
     load_weight_codes,
     load_weight_scales,
@@ -27,7 +26,7 @@ from .tuning import TileConfig, pick_config
 
 
 @triton.jit
-def _grad_input_kernel(gy_ptr, packed_ptr, table_ptr, absmax_ptr, nested_code_ptr,
+def _grad_input_kernel(gy_ptr, packed_ptr, code_ptr, absmax_ptr, nested_code_ptr,
                        nested_absmax_ptr, offset_ptr, out_ptr,
                        M, N, K,
                        stride_gm, stride_om,
@@ -52,7 +51,7 @@ def _grad_input_kernel(gy_ptr, packed_ptr, table_ptr, absmax_ptr, nested_code_pt
         offs_n = n0 + offs_nn
         gy = tl.load(gy_rows + offs_n[None, :],
                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)  # (BLOCK_M, BLOCK_N)
-        codes = load_weight_codes(packed_ptr, table_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K)
+        codes = load_weight_codes(packed_ptr, code_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K)
         scales = load_weight_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
                                     offs_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
                                     GROUPS)
@@ -67,7 +66,7 @@ def _launch(gy2, packed, state, out, cfg: TileConfig) -> torch.Tensor:
     m, n = gy2.shape
     k = out.shape[1]
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(k, cfg.block_k),)
-    _grad_input_kernel[grid](gy2, packed, byte_pair_table(state.code), *scale_args(state), out,
+    _grad_input_kernel[grid](gy2, packed, state.code, *scale_args(state), out,
                              m, n, k,
                              gy2.stride(0), out.stride(0),
                              BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=state.nested_blocksize,

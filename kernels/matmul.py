@@ -24,7 +24,6 @@ from quant.state import QuantState
 from ._backend import interpreter_enabled
 from ._format import (
     ACT_DTYPES,
-    byte_pair_table,
     check_state,
     dot_acc,
     load_weight_codes,
@@ -39,7 +38,7 @@ GEMV_MAX_M = 16  # rows of x up to which the GEMV path runs (decoding batch size
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr,
+def _gemv_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr,
                  offset_ptr, bias_ptr, out_ptr,
                  M, N, K,
                  stride_xm, stride_os, stride_om,
@@ -59,7 +58,7 @@ def _gemv_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, nested_code_ptr, nest
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        codes = load_weight_codes(packed_ptr, table_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K)
+        codes = load_weight_codes(packed_ptr, code_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K)
         scales = load_weight_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
                                     offs_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
                                     GROUPS)  # (BLOCK_N, GROUPS)
@@ -88,7 +87,7 @@ def _gemv_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, nested_code_ptr, nest
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr,
+def _gemm_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr,
                  offset_ptr, bias_ptr, out_ptr,
                  M, N, K,
                  stride_xm, stride_om,
@@ -112,7 +111,7 @@ def _gemm_kernel(x_ptr, packed_ptr, table_ptr, absmax_ptr, nested_code_ptr, nest
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(x_rows + (k0 + offs_k)[None, :],
                     mask=(offs_m[:, None] < M) & ((k0 + offs_k)[None, :] < K), other=0.0)
-        codes = load_weight_codes(packed_ptr, table_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K)
+        codes = load_weight_codes(packed_ptr, code_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K)
         scales = load_weight_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
                                     offs_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
                                     GROUPS)
@@ -184,7 +183,7 @@ def _launch_gemv(x2, packed, state, bias, out, cfg: TileConfig) -> torch.Tensor:
     dest = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=out.device)
     stride_os = 0 if split_k == 1 else dest.stride(0)
     grid = (triton.cdiv(n, cfg.block_n), split_k)
-    _gemv_kernel[grid](x2, packed, byte_pair_table(state.code), *scale_args(state),
+    _gemv_kernel[grid](x2, packed, state.code, *scale_args(state),
                        bias if bias is not None else out, dest,
                        m, n, k,
                        x2.stride(0), stride_os, dest.stride(-2),
@@ -205,7 +204,7 @@ def _launch_gemm(x2, packed, state, bias, out, cfg: TileConfig) -> torch.Tensor:
     m, k = x2.shape
     n = out.shape[1]
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
-    _gemm_kernel[grid](x2, packed, byte_pair_table(state.code), *scale_args(state),
+    _gemm_kernel[grid](x2, packed, state.code, *scale_args(state),
                        bias if bias is not None else out, out,
                        m, n, k,
                        x2.stride(0), out.stride(0),

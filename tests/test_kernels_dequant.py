@@ -8,7 +8,6 @@ import torch
 pytest.importorskip("triton")
 
 from kernels import dequantize_nf4  # noqa: E402
-from kernels._format import byte_pair_table  # noqa: E402
 from kernels.tuning import TileConfig, pin_config  # noqa: E402
 from quant import dequantize_4bit, quantize_4bit  # noqa: E402
 
@@ -75,13 +74,16 @@ def test_accepts_bitsandbytes_packed_shape():
     torch.testing.assert_close(got, dequantize_4bit(packed, state, dtype=torch.float32), atol=0, rtol=0)
 
 
-def test_byte_pair_table_holds_both_levels():
-    code = torch.linspace(-1, 1, 16)
-    table = byte_pair_table(code)
-    v = torch.arange(256)
-    hi = (table >> 32).to(torch.int32).view(torch.float32)
-    lo = (table & 0xFFFFFFFF).to(torch.int32).view(torch.float32)
-    assert torch.equal(hi, code[v >> 4]) and torch.equal(lo, code[v & 15])
+def test_any_code_book_is_looked_up():
+    """Every one of the 16 levels comes from state.code (distinct random levels here)."""
+    packed = torch.arange(256, dtype=torch.uint8).repeat(2)  # every byte value: all 16 x 16 pairs
+    _, state = quantize_4bit(torch.randn(8, 128), double_quant=False)
+    state.code = torch.randn(16, generator=torch.Generator().manual_seed(3))
+    got = dequantize_nf4(packed, state, torch.float32)
+    torch.testing.assert_close(got, dequantize_4bit(packed, state, dtype=torch.float32), atol=0, rtol=0)
+    scale = state.absmax.repeat_interleave(64)[:512]  # (512,) the block scale of each element
+    assert torch.equal(got.reshape(-1)[:512:2], state.code[torch.arange(256) >> 4] * scale[::2])
+    assert torch.equal(got.reshape(-1)[1:512:2], state.code[torch.arange(256) & 15] * scale[1::2])
 
 
 def test_bad_inputs_raise_clear_errors():
