@@ -250,6 +250,8 @@ def check_goals(rows: list[dict], cfg: BenchConfig) -> list[str]:
                                                   lambda s: s.startswith(f"M{cfg.gemm_m[-1]}x")), GOALS["gemm_m8192_ratio"]),
         ("QLoRA fwd+bwd vs dequant(triton)+matmul",
          values("qlora_speedup_vs_dequant(triton)+matmul"), GOALS["qlora_speedup"]),
+        ("QLoRA fwd+bwd vs dequant(torch)+matmul",
+         values("qlora_speedup_vs_dequant(torch)+matmul"), GOALS["qlora_speedup"]),
     ]
     for name, vals, goal in checks:
         if not vals:

@@ -5,7 +5,6 @@ forces either).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from quant.state import QuantState
 
@@ -46,10 +45,11 @@ class NF4LinearFunction(torch.autograd.Function):
 
 def reference_linear(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The pure-PyTorch path: dequantize with `quant.dequantize_4bit`, then `F.linear`."""
-    from quant import dequantize_4bit
+    """The pure-PyTorch path: `quant`'s reference autograd Function, which dequantizes with
+    `quant.dequantize_4bit` in forward and again in backward (nothing dense is saved)."""
+    from quant.linear import NF4LinearFunction as ReferenceFunction
 
-    return F.linear(x, dequantize_4bit(packed, state, dtype=x.dtype), bias)
+    return ReferenceFunction.apply(x, packed, state, bias)
 
 
 def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
