@@ -61,7 +61,7 @@ def _gemv_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_code_ptr, neste
         codes = load_weight_codes(packed_ptr, code_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K)
         scales = load_weight_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
                                     offs_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
-                                    GROUPS)  # (BLOCK_N, GROUPS)
+                                    GROUPS)  # (BLOCK_N,) or (BLOCK_N, GROUPS)
         mask_k = (k0 + offs_k) < K
         if BLOCK_M == 1:
             x = tl.load(x_ptr + k0 + offs_k, mask=mask_k, other=0.0).to(tl.float32)  # (BLOCK_K,)

@@ -8,7 +8,6 @@ because the interpreter's cost grows with tile count and size, not with the hard
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -133,7 +132,3 @@ def chosen_configs() -> dict[tuple, TileConfig]:
     """The tuned choices so far (for benchmarks to report)."""
     return dict(_CHOSEN)
 
-
-def replace(config: TileConfig, **changes) -> TileConfig:
-    """A copy of `config` with some fields changed (convenience for tests)."""
-    return dataclasses.replace(config, **changes)
