@@ -177,7 +177,7 @@ def as_rows(x: torch.Tensor, name: str) -> torch.Tensor:
 def _launch_gemv(x2, packed, state, bias, out, cfg: TileConfig) -> torch.Tensor:
     m, k = x2.shape
     n = out.shape[1]
-    block_m = 1 if m == 1 else 16
+    block_m = 1 if (m == 1 and cfg.block_m == 1) else 16  # the 1-row path serves M = 1 only
     block_k = cfg.block_k
     split_k = max(1, min(cfg.split_k, triton.cdiv(k, block_k)))
     dest = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=out.device)
@@ -247,7 +247,8 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     key = (_bucket(m), n, k, bs, state.double_quant, x.dtype, bias is not None)
     if m <= GEMV_MAX_M:
         launch = _launch_gemv
-        cfg = pick_config("gemv", key, lambda c: launch(x2, packed, state, bias, out, c))
+        cfg = pick_config("gemv", key, lambda c: launch(x2, packed, state, bias, out, c),
+                          valid=lambda c: c.block_m == 16 or m == 1)
     else:
         launch = _launch_gemm
         cfg = pick_config("gemm", key, lambda c: launch(x2, packed, state, bias, out, c),

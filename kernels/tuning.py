@@ -20,7 +20,7 @@ KINDS = ("dequant", "gemv", "gemm", "grad_input")
 class TileConfig:
     """One launch configuration. Each kernel reads the fields it needs."""
 
-    block_m: int = 16  # rows of x per program; larger tiles reuse each decoded weight tile more
+    block_m: int = 16  # rows of x per program; larger reuses each decoded tile more (GEMV: 1 or 16)
     block_n: int = 64  # output features per program; larger means fewer programs (less parallelism)
     block_k: int = 64  # reduction step; a power of two >= 32, any ratio to the quantization blocksize
     split_k: int = 1  # GEMV only: programs sharing one output tile along K (parallelism for small N)
@@ -43,9 +43,10 @@ def candidate_configs(kind: str) -> list[TileConfig]:
     if kind == "dequant":
         return [_c(block_bytes=b, num_warps=w) for b in (1024, 2048, 4096, 8192) for w in (4, 8)]
     if kind == "gemv":
-        return [_c(block_n=n, block_k=k, split_k=s, num_warps=w, num_stages=st)
+        # block_m = 1: M = 1 reduced on CUDA cores (scale once per block); 16: tl.dot (any M <= 16).
+        return [_c(block_m=m, block_n=n, block_k=k, split_k=s, num_warps=w, num_stages=st)
                 for n, k, w, st in ((32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 8, 3))
-                for s in (1, 2, 4, 8)]
+                for s in (1, 2, 4, 8) for m in (1, 16)]
     if kind in ("gemm", "grad_input"):
         shapes = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
                   (128, 128, 128, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
@@ -62,7 +63,7 @@ def interpreter_config(kind: str) -> TileConfig:
     if kind == "dequant":
         return _c(block_bytes=512, num_warps=1)
     if kind == "gemv":
-        return _c(block_n=64, block_k=64, split_k=2)
+        return _c(block_m=1, block_n=64, block_k=64, split_k=2)
     return _c(block_m=32, block_n=64, block_k=64)
 
 

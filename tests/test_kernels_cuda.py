@@ -21,8 +21,8 @@ DTYPES = [torch.bfloat16, torch.float16]
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.2e-2}  # max err / max |ref|
 ULP = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}  # one unit in the last place, relative
 
-PINS = {"dequant": TileConfig(block_bytes=4096, num_warps=4),
-        "gemv": TileConfig(block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=3),
+PINS = {"dequant": TileConfig(block_bytes=4096, num_warps=4),  # gemv: the 1-row path at M = 1
+        "gemv": TileConfig(block_m=1, block_n=64, block_k=128, split_k=4, num_warps=4, num_stages=3),
         "gemm": TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
         "grad_input": TileConfig(block_m=128, block_n=64, block_k=128, num_warps=8, num_stages=3)}
 

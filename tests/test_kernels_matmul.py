@@ -76,7 +76,8 @@ def test_grad_input_matches_reference(m, n, k, double_quant, dtype):
 # Pinned tiles: BLOCK_K below the blocksize, and BLOCK_K = 128 over two blocks with a ragged
 # K tail (320 = 2 * 128 + 64); split-K on and off.
 PINNED = [
-    ("gemv", 1, TileConfig(block_n=32, block_k=128, split_k=1)),
+    ("gemv", 1, TileConfig(block_m=1, block_n=32, block_k=128, split_k=1)),
+    ("gemv", 1, TileConfig(block_m=16, block_n=32, block_k=64, split_k=2)),  # M = 1 via tl.dot
     ("gemv", 3, TileConfig(block_n=16, block_k=32, split_k=4)),
     ("gemm", 17, TileConfig(block_m=16, block_n=32, block_k=128)),
     ("grad_input", 17, TileConfig(block_m=16, block_n=32, block_k=128)),
