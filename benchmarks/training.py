@@ -31,7 +31,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "examples"), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
 from common import RESULTS_DIR, make_row, write_rows  # noqa: E402
 
 METHODS = ("full", "lora", "qlora")
@@ -148,7 +147,6 @@ def worker(provider: str, method: str, steps: int, batch: int, seq: int, r: int)
            "peak_tensor_bytes": sum(held.values()) + saved, "peak_rss": _peak_rss(),
            "trainable_params": trainable}
     if provider == "loralab":
-        from gguf_loader import load_llama  # noqa: F401  (the config is the model's own)
         from lora.memory import ModelSpec
         spec = ModelSpec.from_config(model.config)
         est = estimate(spec, method, r=r, target_modules=TARGETS, weight_dtype="fp32",
@@ -187,7 +185,7 @@ def report(results: list[dict], args) -> None:
                  make_row("training", p, shape, "peak_rss", res["peak_rss"], "B"),
                  make_row("training", p, shape, "trainable_params", res["trainable_params"], "count")]
     by = {(r_["provider"], r_["method"]): r_ for r_ in results}
-    print(f"\n| method | provider | tokens/s | peak tensors (MiB) | peak RSS (MiB) | trainable |")
+    print("\n| method | provider | tokens/s | peak tensors (MiB) | peak RSS (MiB) | trainable |")
     print("|---|---|---:|---:|---:|---:|")
     for (prov, m), res in sorted(by.items(), key=lambda kv: (METHODS.index(kv[0][1]), kv[0][0])):
         print(f"| {m} | {prov} | {res['tokens_per_s']:.0f} | {res['peak_tensor_bytes'] / 2**20:.1f} | "
