@@ -109,17 +109,24 @@ def load_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr, bloc
 
 
 @triton.jit
-def load_weight_codes(packed_ptr, code_ptr, offs_n, k0, N, K,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Unscaled levels of W[offs_n, k0:k0 + BLOCK_K] as float32, (BLOCK_N, BLOCK_K).
+def load_weight_bytes(packed_ptr, offs_n, k0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Packed bytes of W[offs_n, k0:k0 + BLOCK_K], (BLOCK_N, BLOCK_K // 2) uint8.
 
     Needs K even (each row starts on a byte); rows >= N and columns >= K read as byte 0.
     """
     offs_b = tl.arange(0, BLOCK_K // 2)
-    row = offs_n.to(tl.int64) * (K // 2)  # (BLOCK_N,) first byte of each row
+    # First byte of each row's tile. A multiple of 16 because K is a multiple of the blocksize
+    # (>= 32) and k0 of BLOCK_K (>= 32): the hint lets each thread load 16 bytes at once.
+    start = tl.multiple_of(offs_n.to(tl.int64) * (K // 2) + k0 // 2, 16)  # (BLOCK_N,)
     mask = (offs_n[:, None] < N) & ((k0 + 2 * offs_b[None, :]) < K)
-    b = tl.load(packed_ptr + row[:, None] + (k0 // 2 + offs_b[None, :]), mask=mask, other=0)
-    return decode_bytes(code_ptr, b)
+    return tl.load(packed_ptr + start[:, None] + offs_b[None, :], mask=mask, other=0)
+
+
+@triton.jit
+def load_weight_codes(packed_ptr, code_ptr, offs_n, k0, N, K,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Unscaled levels of W[offs_n, k0:k0 + BLOCK_K] as float32, (BLOCK_N, BLOCK_K)."""
+    return decode_bytes(code_ptr, load_weight_bytes(packed_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -154,14 +161,14 @@ def scale_codes(codes, scales, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GRO
 
 
 @triton.jit
-def sum_scaled_blocks(prod, scales, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def sum_scaled_blocks(prod, scales, BLOCK_N: tl.constexpr, WIDTH: tl.constexpr,
                       GROUPS: tl.constexpr):
-    """Row sums of prod (BLOCK_N, BLOCK_K), each block's partial sum times its scale once:
-    sum_g scales[n, g] * sum_{k in block g} prod[n, k] -> (BLOCK_N,)."""
+    """Row sums of prod (BLOCK_N, WIDTH), each block's partial sum times its scale once:
+    sum_g scales[n, g] * sum_{columns c of block g} prod[n, c] -> (BLOCK_N,)."""
     if GROUPS == 1:
         return tl.sum(prod, axis=1) * scales
     else:
-        per_block = tl.sum(tl.reshape(prod, (BLOCK_N, GROUPS, BLOCK_K // GROUPS)), axis=2)
+        per_block = tl.sum(tl.reshape(prod, (BLOCK_N, GROUPS, WIDTH // GROUPS)), axis=2)
         return tl.sum(per_block * scales, axis=1)  # per_block: (BLOCK_N, GROUPS)
 
 
