@@ -26,7 +26,6 @@ from ._format import (
     ACT_DTYPES,
     check_state,
     dot_acc,
-    load_weight_bytes,
     load_weight_codes,
     load_weight_scales,
     scale_args,
@@ -62,21 +61,14 @@ def _gemv_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_code_ptr, neste
         scales = load_weight_scales(absmax_ptr, nested_code_ptr, nested_absmax_ptr, offset_ptr,
                                     offs_n, k0, N, K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT,
                                     GROUPS)  # (BLOCK_N,) or (BLOCK_N, GROUPS)
+        codes = load_weight_codes(packed_ptr, code_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K)
+        mask_k = (k0 + offs_k) < K
         if BLOCK_M == 1:
-            # Each byte holds elements 2j (high nibble) and 2j + 1 (low nibble): multiply them
-            # by the even and odd entries of x, without interleaving the two halves.
-            b = load_weight_bytes(packed_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K).to(tl.int32)
-            offs_h = k0 + 2 * tl.arange(0, BLOCK_K // 2)  # (BLOCK_K // 2,) even columns
-            x_even = tl.load(x_ptr + offs_h, mask=offs_h < K, other=0.0).to(tl.float32)
-            x_odd = tl.load(x_ptr + offs_h + 1, mask=offs_h < K, other=0.0).to(tl.float32)
-            prod = (tl.load(code_ptr + (b >> 4)) * x_even[None, :]
-                    + tl.load(code_ptr + (b & 15)) * x_odd[None, :])  # (BLOCK_N, BLOCK_K // 2)
+            x = tl.load(x_ptr + k0 + offs_k, mask=mask_k, other=0.0).to(tl.float32)  # (BLOCK_K,)
             # One sum per quantization block, then the block's scale applied once to it.
-            acc += sum_scaled_blocks(prod, scales, BLOCK_N, BLOCK_K // 2, GROUPS)
+            acc += sum_scaled_blocks(codes * x[None, :], scales, BLOCK_N, BLOCK_K, GROUPS)
         else:
-            codes = load_weight_codes(packed_ptr, code_ptr, offs_n, k0, N, K, BLOCK_N, BLOCK_K)
             offs_m = tl.arange(0, BLOCK_M)
-            mask_k = (k0 + offs_k) < K
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
                         mask=(offs_m[:, None] < M) & mask_k[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
             w = scale_codes(codes, scales, BLOCK_N, BLOCK_K, GROUPS).to(x.dtype)  # (BLOCK_N, BLOCK_K)
