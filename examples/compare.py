@@ -1,0 +1,108 @@
+"""`make compare`: every method on the same task, data and step budget, one table and a chart.
+
+Each method runs in its own process (`finetune.py --method M --json ...`) so that its
+peak memory is its own. In-context learning (zero-, one-, few-shot) changes no weight;
+full fine-tuning, LoRA and QLoRA train for the same steps on the same batches.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from methods import METHODS
+from report import MB, fmt_bytes, rows_of, save_figure
+
+from benchmarks.common import write_rows
+
+PASSED = ("steps", "batch_size", "r", "alpha", "dropout", "n_train", "n_eval", "shots",
+          "eval_batch", "compute_dtype", "seed", "threads")
+
+
+def worker_command(cfg, method: str, json_path: Path) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).with_name("finetune.py")), "--method", method,
+           "--json", str(json_path), "--out", str(Path(cfg.out) / method), "--no-reload",
+           "--show", "0"]
+    for name in PASSED:
+        cmd += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
+    if cfg.lr is not None:
+        cmd += ["--lr", str(cfg.lr)]
+    if cfg.gguf is not None:
+        cmd += ["--gguf", cfg.gguf]
+    return cmd
+
+
+def run_method(cfg, method: str) -> dict:
+    json_path = Path(cfg.out) / f"{method}.json"
+    json_path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(worker_command(cfg, method, json_path))
+    if proc.returncode != 0 or not json_path.exists():
+        raise RuntimeError(f"method {method} failed (exit code {proc.returncode})")
+    res = json.loads(json_path.read_text())
+    res["total_seconds"] = time.perf_counter() - t0
+    return res
+
+
+def print_comparison(results: list[dict]) -> None:
+    head = f"{'method':<10} {'accuracy':>8} {'trainable':>12} {'train %':>8} {'saved':>10} " \
+           f"{'peak RSS':>10} {'s/step':>7} {'total s':>8}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in results:
+        sps = r.get("seconds_per_step")
+        print(f"{r['method']:<10} {r['acc']:>8.0%} {r['trainable_params']:>12,d} "
+              f"{r['trainable_pct']:>8.3f} {fmt_bytes(r['saved_bytes']):>10} "
+              f"{r['peak_rss_bytes'] / MB:>7,.0f} MB {sps if sps is None else f'{sps:.2f}':>7} "
+              f"{r['total_seconds']:>8.0f}")
+    by = {r["method"]: r for r in results}
+    if "lora" in by and "qlora" in by:
+        lo, q = by["lora"], by["qlora"]
+        print(f"\nQLoRA vs LoRA: block weights {lo['base_stored_bytes'] / q['base_stored_bytes']:.2f}x "
+              f"smaller, peak RSS {lo['peak_rss_bytes'] / q['peak_rss_bytes']:.2f}x smaller, "
+              f"{q['seconds_per_step'] / lo['seconds_per_step']:.2f}x the time per step")
+    if "full" in by and "lora" in by:
+        f, lo = by["full"], by["lora"]
+        print(f"LoRA vs full fine-tuning: {f['trainable_params'] / lo['trainable_params']:.0f}x fewer "
+              f"trainable parameters, saved file {f['saved_bytes'] / lo['saved_bytes']:.0f}x smaller, "
+              f"peak RSS {f['peak_rss_bytes'] / lo['peak_rss_bytes']:.2f}x smaller")
+
+
+def bar_chart(results: list[dict], path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["method"] for r in results]
+    panels = [("held-out exact match", [r["acc"] for r in results], "{:.0%}"),
+              ("peak RSS (MB)", [r["peak_rss_bytes"] / MB for r in results], "{:,.0f}"),
+              ("saved (MB)", [r["saved_bytes"] / MB for r in results], "{:,.1f}")]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (title, values, fmt) in zip(axes, panels, strict=True):
+        bars = ax.bar(names, values, color=["#999"] * 3 + ["#c44", "#48c", "#4a4"][:len(names) - 3])
+        ax.bar_label(bars, [fmt.format(v) for v in values], fontsize=8)
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle("SmolLM2-135M-Instruct, JSON extraction, same data and steps")
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def compare(cfg, methods: list[str] | None = None) -> int:
+    methods = methods or list(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for method in methods:
+        print(f"\n### {method}", flush=True)
+        results.append(run_method(cfg, method))
+    print_comparison(results)
+    print("(bottleneck adapters and prompt tuning: not in the lora package yet, no rows)")
+    rows = [row for r in results for row in rows_of(r, benchmark="finetune_compare")]
+    print(f"\ncsv: {write_rows(out / 'compare.csv', rows)}\nchart: {bar_chart(results, out / 'compare.png')}")
+    return 0

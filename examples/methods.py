@@ -1,0 +1,93 @@
+"""The fine-tuning methods of the demo, as functions of a freshly loaded model.
+
+Every method starts from the same pretrained `Llama`; `prepare` turns it into what the
+method trains (or leaves it alone for in-context learning) and reports its parameter
+counts. All LoRA/QLoRA work goes through the project's `lora` and `quant` packages.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import lora.qlora  # noqa: F401  (registers QLoRALinear as the LoRA wrapper of quant.LinearNF4)
+from lora import LoRAConfig, apply_lora, load_adapter, save_adapter, trainable_parameters
+from quant import LinearNF4, quantize_model
+
+# The linear layers of a Llama block (QLoRA sec. 4: adapters on all of them).
+BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ICL = ("zero-shot", "one-shot", "few-shot")  # weights untouched, examples in the prompt
+TRAINED = ("full", "lora", "qlora")
+METHODS = ICL + TRAINED
+
+
+def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of the blocks' linear layers: plain, 4-bit or LoRA-wrapped."""
+    return [(n, m) for n, m in model.named_modules()
+            if n.rsplit(".", 1)[-1] in BLOCK_LINEARS and ".layers." in f".{n}"]
+
+
+def base_weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of the block linear weights in bf16, bytes as stored now).
+
+    Stored bytes count a `LinearNF4` as packed codes + absmax (+ nested absmax), the
+    4.127 bits per weight of QLoRA sec. 3, and a plain layer at its dtype's size."""
+    bf16 = stored = 0
+    for _, m in block_linears(model):
+        base = getattr(m, "base_layer", m)
+        if isinstance(base, LinearNF4):
+            bf16 += 2 * base.in_features * base.out_features
+            stored += base.storage_bytes()
+        elif isinstance(base, nn.Linear):
+            bf16 += 2 * base.weight.numel()
+            stored += base.weight.numel() * base.weight.element_size()
+    return bf16, stored
+
+
+def lora_config(r: int, alpha: float, dropout: float) -> LoRAConfig:
+    return LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=list(BLOCK_LINEARS))
+
+
+def quantize_blocks(model: nn.Module, compute_dtype: torch.dtype) -> None:
+    """NF4 with double quantization (QLoRA sec. 3, blocksize 64) for every block linear."""
+    quantize_model(model, target_modules=list(BLOCK_LINEARS), quant_type="nf4", blocksize=64,
+                   double_quant=True, compute_dtype=compute_dtype, progress=True)
+
+
+def prepare(model: nn.Module, method: str, r: int = 16, alpha: float = 32, dropout: float = 0.0,
+            compute_dtype: torch.dtype = torch.float32) -> dict:
+    """Make `model` ready for `method` (in place); returns its parameter counts."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "qlora":
+        quantize_blocks(model, compute_dtype)
+    if method in ("lora", "qlora"):
+        apply_lora(model, lora_config(r, alpha, dropout))
+    else:
+        model.requires_grad_(method == "full")
+    trainable, total = trainable_parameters(model)
+    return {"trainable_params": trainable, "all_params": total,
+            "trainable_pct": 100.0 * trainable / total}
+
+
+def save_what_must_be_saved(model: nn.Module, method: str, directory: Path) -> int:
+    """Write what a user must keep to reproduce the method; return its size in bytes.
+
+    LoRA/QLoRA: the adapter folder (PEFT layout). Full fine-tuning: every weight, counted
+    at fp32 without writing 0.5 GB. In-context learning: nothing (the prompt is the method).
+    """
+    if method in ("lora", "qlora"):
+        paths = save_adapter(model, directory)
+        return sum(f.stat().st_size for p in paths for f in Path(p).iterdir() if f.is_file())
+    if method == "full":
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+    return 0
+
+
+def reload_adapter(model: nn.Module, method: str, directory: Path,
+                   compute_dtype: torch.dtype = torch.float32) -> None:
+    """Load a saved adapter into a freshly loaded model (quantizing it first for QLoRA)."""
+    if method == "qlora":
+        quantize_blocks(model, compute_dtype)
+    load_adapter(model, directory)

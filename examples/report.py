@@ -1,0 +1,115 @@
+"""Tables, CSV rows and plots of the fine-tuning runs (matplotlib with the Agg backend)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import make_row, write_rows
+
+MB = 1024 ** 2
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temp file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Save a matplotlib figure atomically as PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def loss_plot(losses: list[float], title: str, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses, marker=".")
+    ax.set(xlabel="step", ylabel="loss (answer tokens)", title=title, yscale="log")
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+    plt.close(fig)
+    return path
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / MB:,.1f} MB" if n >= 0.1 * MB else f"{n / 1024:,.1f} KB"
+
+
+def print_table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
+
+def rows_of(res: dict, benchmark: str = "finetune") -> list[dict]:
+    """Tidy CSV rows (benchmarks/common.py columns) of one run."""
+    shape = f"steps={res.get('steps', 0)}"
+    metrics = [("accuracy_before", res["acc_before"], "fraction"), ("accuracy", res["acc"], "fraction"),
+               ("trainable_params", res["trainable_params"], "count"),
+               ("trainable_pct", res["trainable_pct"], "%"),
+               ("saved_bytes", res["saved_bytes"], "bytes"),
+               ("base_bf16_bytes", res["base_bf16_bytes"], "bytes"),
+               ("base_stored_bytes", res["base_stored_bytes"], "bytes"),
+               ("peak_rss_bytes", res["peak_rss_bytes"], "bytes"),
+               ("seconds_per_step", res.get("seconds_per_step", float("nan")), "s"),
+               ("eval_seconds", res["eval_seconds"], "s")]
+    if "total_seconds" in res:
+        metrics.append(("total_seconds", res["total_seconds"], "s"))
+    if "acc_reloaded" in res:
+        metrics.append(("accuracy_reloaded", res["acc_reloaded"], "fraction"))
+    return [make_row(benchmark, res["method"], shape, m, v, u) for m, v, u in metrics]
+
+
+def report(res: dict, out: Path) -> None:
+    """Print the demo's table and example generations; write the PNG and CSV."""
+    n = len(res["examples"])
+    print(f"\n== {res['method']}: SmolLM2-135M-Instruct, JSON extraction, "
+          f"{res['config']['n_eval']} held-out examples ==")
+    rows = [("held-out accuracy before", f"{res['acc_before']:.0%}"),
+            ("held-out accuracy after", f"{res['acc']:.0%}")]
+    if "acc_reloaded" in res:
+        rows.append(("after save + reload", f"{res['acc_reloaded']:.0%} "
+                     f"({res['same_predictions_reloaded']}/{res['config']['n_eval']} "
+                     "identical predictions)"))
+    rows += [("trainable parameters", f"{res['trainable_params']:,d} of {res['all_params']:,d} "
+              f"({res['trainable_pct']:.3f}%)"),
+             ("block weights in bf16", fmt_bytes(res["base_bf16_bytes"])),
+             ("block weights as stored", fmt_bytes(res["base_stored_bytes"]) +
+              f" ({res['base_bf16_bytes'] / res['base_stored_bytes']:.2f}x smaller than bf16)"),
+             ("saved file(s)", fmt_bytes(res["saved_bytes"])),
+             ("peak process memory (RSS)", fmt_bytes(res["peak_rss_bytes"])),
+             ("seconds per step", f"{res.get('seconds_per_step', float('nan')):.2f} "
+              f"(batch {res['config']['batch_size']}, {res['threads']} threads, "
+              f"{res['config']['compute_dtype']} compute)"),
+             ("steps, learning rate", f"{res.get('steps', 0)}, {res.get('lr', 0):g}"),
+             ("total time", f"{res['total_seconds']:.0f} s")]
+    print_table(rows)
+    print(f"\n{n} held-out examples (before -> after):")
+    for ex in res["examples"]:
+        print(f"  sentence: {ex['sentence']}\n  expected: {ex['expected']}")
+        print(f"  before:   {ex['before']!r}\n  after:    {ex['after']!r}\n")
+    if res.get("losses"):
+        png = loss_plot(res["losses"], f"{res['method']} on SmolLM2-135M", out / "loss.png")
+        print(f"loss curve: {png}")
+    csv = write_rows(out / "finetune.csv", rows_of(res))
+    print(f"figures: {csv}\nadapter: {out / 'adapter'}")

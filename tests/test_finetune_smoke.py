@@ -1,0 +1,97 @@
+"""The fine-tuning pipeline (examples/finetune.py) end to end on a tiny random GGUF model."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+pytest.importorskip("gguf")
+pytest.importorskip("tokenizers")
+
+import finetune  # noqa: E402
+from gguf_loader import load_llama  # noqa: E402
+from methods import BLOCK_LINEARS, base_weight_bytes, prepare  # noqa: E402
+from task import make_splits  # noqa: E402
+from test_llama_gguf import write_tiny_gguf  # noqa: E402
+from training import TrainConfig, train  # noqa: E402
+
+from lora import LoRALinear  # noqa: E402
+from quant import LinearNF4  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread: tiny matmuls gain nothing from two, and on a busy CPU OpenMP barriers crawl."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_tiny_gguf(path, dim=64, n_layers=2, n_heads=4, n_kv=2, ffn=128)  # blocksize 64 divides all
+    return path
+
+
+def small_cfg(tmp_path, tiny_gguf, **kw):
+    base = dict(steps=3, batch_size=2, n_train=8, n_eval=3, eval_batch=2, threads=1, show=2,
+                out=str(tmp_path / "run"), gguf=str(tiny_gguf))
+    return finetune.FinetuneConfig(**{**base, **kw})
+
+
+def test_qlora_run_saves_reloads_and_scores_the_same(tmp_path, tiny_gguf):
+    res = finetune.run(small_cfg(tmp_path, tiny_gguf), load=lambda p: load_llama(p))
+    assert len(res["losses"]) == 3 and all(math.isfinite(x) for x in res["losses"])
+    assert res["acc_reloaded"] == res["acc"] and res["same_predictions_reloaded"] == 3
+    assert 0 < res["trainable_params"] < res["all_params"]
+    assert res["base_stored_bytes"] < res["base_bf16_bytes"] / 3.5  # 4.127 bits vs 16 (QLoRA sec. 3)
+    adapter = tmp_path / "run" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(BLOCK_LINEARS) and config["r"] == 16
+    from safetensors.torch import load_file
+    keys = load_file(adapter / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in keys
+    assert res["saved_bytes"] >= (adapter / "adapter_model.safetensors").stat().st_size
+    assert len(res["examples"]) == 2
+
+
+def test_prepare_qlora_swaps_every_block_linear(tiny_gguf):
+    model, _ = load_llama(tiny_gguf)
+    bf16, stored = base_weight_bytes(model)
+    assert stored == 2 * bf16  # fp32 weights
+    info = prepare(model, "qlora", r=4, alpha=8)
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in BLOCK_LINEARS:
+            assert isinstance(module, LoRALinear) and isinstance(module.base_layer, LinearNF4)
+    assert type(model.lm_head) is torch.nn.Linear  # the tied output head stays as it is
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n, _ in model.named_parameters() if ".lora_" in n}
+    assert info["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_lora_training_lowers_the_loss(tiny_gguf):
+    torch.manual_seed(0)
+    model, tok = load_llama(tiny_gguf)
+    prepare(model, "lora", r=8, alpha=16)
+    examples = make_splits(4, 0, seed=0)[0]
+    result = train(model, tok, examples, TrainConfig(steps=12, batch_size=4, lr=1e-2, warmup=1))
+    assert result.losses[-1] < 0.5 * result.losses[0], result.losses
+
+
+def test_cli_errors_are_clear(tmp_path, tiny_gguf, capsys):
+    with pytest.raises(SystemExit):
+        finetune.main(["--method", "dora"])
+    assert "unknown method 'dora'" in capsys.readouterr().err
+    assert finetune.main(["--gguf", str(tmp_path / "nope.gguf"), "--out", str(tmp_path)]) == 2
+    assert "GGUF file not found" in capsys.readouterr().err
+    other = tmp_path / "gpt2.gguf"
+    write_tiny_gguf(other, arch="gpt2")
+    assert finetune.main(["--gguf", str(other), "--out", str(tmp_path)]) == 2
+    assert "unsupported GGUF architecture 'gpt2'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown method"):
+        prepare(torch.nn.Linear(2, 2), "adapter")
