@@ -19,7 +19,8 @@ import functools
 import torch
 
 from .codes import dynamic_map_8bit, get_code
-from .packing import pack_nibbles, unpack_nibbles
+from .packing import unpack_nibbles
+from .search import nearest_codes
 from .state import QuantState
 
 # bitsandbytes accepts these block sizes for 4-bit quantization (powers of two, 32..4096).
@@ -29,6 +30,7 @@ NESTED_BLOCKSIZE = 256
 QUANT_TYPES = ("nf4", "fp4", "int4")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LUT_BINS = 65536  # bins of bitsandbytes' 8-bit lookup table
+CHUNK = 2**18  # elements per step of the 4-bit loops: temporaries of ~1 MB stay in cache
 
 
 def check_blocksize(blocksize: int, name: str = "blocksize") -> int:
@@ -50,49 +52,31 @@ def _check_weight(w: torch.Tensor) -> None:
         raise ValueError("w contains NaN or Inf; quantization needs finite weights")
 
 
-@functools.lru_cache(maxsize=8)
-def _sorted_bounds(quant_type: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Midpoints between consecutive sorted levels, and the code index of each sorted level."""
-    code = get_code(quant_type)
-    order = torch.argsort(code, stable=True)  # +0 before -0 in FP4, as bitsandbytes
-    bounds = (code[order[:-1]] + code[order[1:]]) / 2  # (15,)
-    identity = torch.equal(order, torch.arange(16))
-    return bounds, None if identity else order.to(torch.uint8)
+def _quantize_blocks(blocks: torch.Tensor, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full blocks `(nb, blocksize)` of any float dtype -> (codes `(nb * blocksize,)` uint8, absmax `(nb,)` float32).
 
-
-def blockwise_absmax_scale(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block absmax and the values scaled into [-1, 1] (bitsandbytes' 4-bit arithmetic).
-
-    Args:
-        flat: `(n,)` float32.
-        blocksize: elements per block.
-
-    Returns:
-        `absmax` `(ceil(n / blocksize),)` float32 and `scaled` `(n,)` float32.
+    bitsandbytes' arithmetic: absmax = max |x| of the block, scaled = x * (1 / absmax)
+    in float32 (an all-zero block keeps absmax 0 and scales by 1e38, giving codes of 0).
+    Clamping the scaled value to [-1, 1] first, as bitsandbytes does, never changes its
+    level because every bound lies inside (-1, 1), so it is skipped.
     """
-    n = flat.numel()
-    rem = n % blocksize
-    full = n - rem
-    blocks = flat[:full].view(-1, blocksize)  # (n // blocksize, blocksize)
     lo, hi = torch.aminmax(blocks, dim=1)
-    absmax = torch.maximum(-lo, hi)  # == |x|.max() per block, without an |x| temporary
-    scaled = blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)  # (n // blocksize, blocksize)
-    scaled = scaled.clamp_(-1, 1).view(-1)  # (full,)
-    if rem:
-        am = flat[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, am.unsqueeze(0)])
-        scaled = torch.cat([scaled, torch.clamp(flat[full:] / am, -1, 1)])
-    return absmax, scaled
+    absmax = torch.maximum(-lo, hi).float()  # == |x|.max() per block, without an |x| temporary
+    scaled = blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)  # (nb, blocksize) float32
+    return nearest_codes(scaled.view(-1), quant_type), absmax
 
 
-def quantize_codes(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """Nearest 4-bit code of each scaled value (ties to the lower level), as `uint8`."""
-    bounds, order = _sorted_bounds(quant_type)
-    q = torch.bucketize(scaled, bounds, out_int32=True)
-    q = q.to(torch.uint8)
-    if order is not None:
-        q = order[q.long()]
-    return q
+def _quantize_tail(tail: torch.Tensor, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last, partial block: bitsandbytes divides by its absmax (clamped to 1e-38) instead."""
+    am = tail.float().abs().max().clamp(min=1e-38)
+    scaled = torch.clamp(tail.float() / am, -1, 1)
+    return nearest_codes(scaled, quant_type), am.reshape(1)
+
+
+def _pack_into(codes: torch.Tensor, out: torch.Tensor) -> None:
+    """Write `(2m,)` uint8 codes into `out` `(m,)` two per byte, element 2i in the high nibble."""
+    pairs = codes.view(-1, 2)  # (m, 2): (high, low)
+    torch.add(pairs[:, 1], pairs[:, 0], alpha=16, out=out)
 
 
 @functools.lru_cache(maxsize=8)
@@ -160,11 +144,23 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     check_blocksize(blocksize)
-    flat = w.reshape(-1).float()  # (n,)
-    absmax, scaled = blockwise_absmax_scale(flat, blocksize)
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))  # (n + 1,): the pad nibble codes 0.0
-    packed = pack_nibbles(quantize_codes(scaled, quant_type))
+    flat = w.reshape(-1)  # (n,)
+    n = flat.numel()
+    full = n - n % blocksize
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device)
+    # Chunks of whole blocks keep the temporaries in cache; the result does not depend on CHUNK.
+    chunk = max(blocksize, CHUNK // blocksize * blocksize)
+    for start in range(0, full, chunk):
+        stop = min(start + chunk, full)
+        codes, absmax[start // blocksize: stop // blocksize] = _quantize_blocks(
+            flat[start:stop].view(-1, blocksize), quant_type)  # (nb, blocksize)
+        _pack_into(codes, packed[start // 2: stop // 2])
+    if full < n:
+        codes, absmax[-1:] = _quantize_tail(flat[full:], quant_type)
+        if codes.numel() % 2:  # odd n: the pad nibble codes 0.0, as bitsandbytes
+            codes = torch.cat([codes, nearest_codes(codes.new_zeros(1, dtype=torch.float32), quant_type)])
+        _pack_into(codes, packed[full // 2:])
     code = get_code(quant_type).to(w.device)
     state = QuantState(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize,
                        quant_type=quant_type, code=code)
@@ -207,9 +203,16 @@ def check_packed(packed: torch.Tensor, state: QuantState) -> None:
 
 
 def _pair_table(code: torch.Tensor) -> torch.Tensor:
-    """`(256, 2)` float32: the two levels that each byte stands for (high nibble first)."""
+    """`(256,)` int64 whose 8 bytes are the two float32 levels a byte stands for (high nibble
+    first): one 8-byte gather per byte is much faster than gathering rows of a (256, 2) table."""
     byte = torch.arange(256, device=code.device)
-    return torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
+    pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1).contiguous()  # (256, 2) float32
+    return pairs.view(torch.int64).view(-1)  # (256,)
+
+
+def _levels(table: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """float32 level of every nibble of `packed` `(m,)` uint8, in order: `(2m,)`."""
+    return table.index_select(0, packed.int()).view(torch.float32)  # (m,) int64 -> (2m,) float32
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState,
@@ -230,15 +233,20 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState,
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     n, bs = state.numel, state.blocksize
     absmax = state_absmax(state)
-    code = state.code.to(device=packed.device, dtype=torch.float32)
-    pairs = torch.nn.functional.embedding(packed.reshape(-1).long(), _pair_table(code))  # (n_bytes, 2)
-    values = pairs.view(-1)[:n]  # (n,)
+    table = _pair_table(state.code.to(device=packed.device, dtype=torch.float32))  # (256,) int64
+    flat = packed.reshape(-1)  # (n_bytes,)
+    out = torch.empty(n, dtype=dtype, device=packed.device)
     full = n - n % bs
-    out = torch.empty(n, dtype=torch.float32, device=packed.device)
-    out[:full].view(-1, bs).copy_(values[:full].view(-1, bs) * absmax[: full // bs].unsqueeze(1))
+    chunk = max(bs, CHUNK // bs * bs)
+    for start in range(0, full, chunk):
+        stop = min(start + chunk, full)
+        values = _levels(table, flat[start // 2: stop // 2]).view(-1, bs)  # (nb, bs) float32
+        # float32 product, rounded once to dtype on the write (bitsandbytes' order of operations)
+        torch.mul(values, absmax[start // bs: stop // bs].unsqueeze(1), out=out[start:stop].view(-1, bs))
     if full < n:
-        out[full:] = values[full:] * absmax[-1]
-    return out.to(dtype).view(state.shape)
+        values = _levels(table, flat[full // 2:])[: n - full]  # (n - full,)
+        out[full:] = values * absmax[-1]
+    return out.view(state.shape)
 
 
 def unpack_codes(packed: torch.Tensor, state: QuantState) -> torch.Tensor:

@@ -203,3 +203,30 @@ def test_storage_bits_per_parameter():
         packed, state = quantize_4bit(w, blocksize=64, double_quant=dq)
         total = packed.numel() * packed.element_size() + state.nbytes()
         assert total * 8 / w.numel() == pytest.approx(bits, abs=2e-3)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_fast_nearest_search_equals_binary_search(quant_type):
+    from quant.search import nearest_codes, nearest_codes_reference, sorted_bounds
+
+    bounds, _ = sorted_bounds(quant_type)
+    up, down = torch.full_like(bounds, 2.0), torch.full_like(bounds, -2.0)
+    g = torch.Generator().manual_seed(4)
+    x = torch.cat([
+        torch.rand(20000, generator=g) * 2 - 1,
+        torch.tensor([-1.0, 1.0, 0.0, -0.0, 1.0000001, -1.0000001]),
+        bounds, torch.nextafter(bounds, up), torch.nextafter(bounds, down),  # every tie and its neighbours
+    ])
+    assert torch.equal(nearest_codes(x, quant_type), nearest_codes_reference(x, quant_type))
+
+
+def test_chunked_loops_match_one_shot(monkeypatch):
+    import quant.blockwise as bw
+
+    w = torch.randn(3, 4096 + 64 * 3 + 5)  # several chunks, a partial block and an odd numel
+    packed, state = quantize_4bit(w, blocksize=64)
+    deq = dequantize_4bit(packed, state)
+    monkeypatch.setattr(bw, "CHUNK", 128)
+    packed2, state2 = quantize_4bit(w, blocksize=64)
+    assert torch.equal(packed, packed2) and torch.equal(state.absmax, state2.absmax)
+    assert torch.equal(dequantize_4bit(packed2, state2), deq)
