@@ -25,7 +25,7 @@ from .matmul import _bucket, as_rows, check_activation, check_weight_2d, dot_fp3
 from .tuning import TileConfig, pick_config
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compile for every row count
 def _grad_input_kernel(gy_ptr, packed_ptr, code_ptr, absmax_ptr, nested_code_ptr,
                        nested_absmax_ptr, offset_ptr, out_ptr,
                        M, N, K,

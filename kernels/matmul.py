@@ -37,7 +37,7 @@ from .tuning import TileConfig, pick_config
 GEMV_MAX_M = 16  # rows of x up to which the GEMV path runs (decoding batch sizes)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compile for every row count
 def _gemv_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr,
                  offset_ptr, bias_ptr, out_ptr,
                  M, N, K,
@@ -86,7 +86,7 @@ def _gemv_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_code_ptr, neste
                  mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compile for every row count
 def _gemm_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_code_ptr, nested_absmax_ptr,
                  offset_ptr, bias_ptr, out_ptr,
                  M, N, K,
