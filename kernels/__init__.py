@@ -6,6 +6,9 @@
 - `nf4_matmul_grad_input(grad_y, packed, state)`: `grad_y @ W`.
 - `nf4_linear(x, packed, state, bias)`: the differentiable layer call; Triton on CUDA,
   pure PyTorch elsewhere, `LORALAB_KERNELS=triton|torch|auto` forces a path.
+- `candidate_configs(kind)`, `pin_config(kind, TileConfig(...))`: the tiles the tuner tries,
+  and a context manager that fixes one (tests, reproducible benchmarks).
+- `python -m kernels.compile_check`: compile every kernel for sm_90 without a GPU.
 
 Importing this package never needs Triton; the kernel functions do.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 from ._backend import BACKENDS, ENV_VAR, interpreter_enabled, select_backend, triton_available
 from .autograd import NF4LinearFunction, nf4_linear, reference_linear
+from .tuning import TileConfig, candidate_configs, pin_config
 
 
 def dequantize_nf4(packed, state, dtype=None):
@@ -36,6 +40,7 @@ def nf4_matmul_grad_input(grad_y, packed, state):
     return impl(grad_y, packed, state)
 
 
-__all__ = ["BACKENDS", "ENV_VAR", "NF4LinearFunction", "dequantize_nf4", "interpreter_enabled",
-           "nf4_linear", "nf4_matmul", "nf4_matmul_grad_input", "reference_linear",
-           "select_backend", "triton_available"]
+__all__ = ["BACKENDS", "ENV_VAR", "NF4LinearFunction", "TileConfig", "candidate_configs",
+           "dequantize_nf4", "interpreter_enabled", "nf4_linear", "nf4_matmul",
+           "nf4_matmul_grad_input", "pin_config", "reference_linear", "select_backend",
+           "triton_available"]
