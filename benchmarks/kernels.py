@@ -1,7 +1,7 @@
 """Triton NF4 kernels against bf16 `torch.matmul`, measured in the same run.
 
     PYTHONPATH=. python benchmarks/kernels.py --out benchmarks/results      # on a CUDA GPU
-    PYTHONPATH=. TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke     # code path on CPU
+    PYTHONPATH=. TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke     # code path on CPU (results/smoke)
 
 Measures (CUDA events via `triton.testing.do_bench`; each call reads the next of several
 copies of the weights, so that they do not sit in L2):
@@ -333,11 +333,14 @@ def run_all(cfg: BenchConfig) -> Bench:
 
 def parse_args(argv=None) -> BenchConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for kernels.csv and kernels.png")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for kernels.csv and kernels.png (default benchmarks/results, "
+                        "or benchmarks/results/smoke with --smoke so GPU results are never overwritten)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter")
     p.add_argument("--budget-s", type=float, default=330.0, help="stop starting measurements after this")
     a = p.parse_args(argv)
-    cfg = BenchConfig(out=a.out, smoke=a.smoke, budget_s=a.budget_s)
+    out = a.out if a.out is not None else (RESULTS_DIR / "smoke" if a.smoke else RESULTS_DIR)
+    cfg = BenchConfig(out=out, smoke=a.smoke, budget_s=a.budget_s)
     if a.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         cfg.weights, cfg.gemv_m, cfg.gemm_m, cfg.qlora_m, cfg.rank = SMOKE_WEIGHTS, (1, 4), (32,), 32, 4
