@@ -1,4 +1,5 @@
-"""`benchmarks/kernels.py --smoke` runs its whole code path under the CPU interpreter and
+"""`benchmarks/gpu_check.py` (the script for a lent GPU) dry-runs on the CPU: the CUDA tests
+skip, and `benchmarks/kernels.py --smoke` runs its whole code path under the interpreter and
 writes its CSV, plot and chosen tiles."""
 import csv
 import os
@@ -14,12 +15,14 @@ pytest.importorskip("matplotlib")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_benchmark_smoke_writes_csv_and_plot(tmp_path):
+def test_gpu_check_dry_run_writes_csv_and_plot(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--smoke",
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"),
                           "--out", str(tmp_path)], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "skipped" in (tmp_path / "gpu_tests.log").read_text()
+    tmp_path = tmp_path / "smoke"
     assert "0 failed or skipped measurements" in out.stdout, out.stdout[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "kernels.csv")))
     metrics = {r["metric"] for r in rows}
