@@ -48,7 +48,11 @@ def _check_weight(w: torch.Tensor) -> None:
         raise TypeError(f"w must have dtype float32, float16 or bfloat16, got {w.dtype}")
     if w.numel() == 0:
         raise ValueError("w must have at least one element")
-    if not bool(torch.isfinite(w).all()):
+
+
+def _check_finite(absmax: torch.Tensor) -> None:
+    # max |x| of a block is NaN or Inf exactly when the block holds a NaN or an Inf
+    if not bool(torch.isfinite(absmax).all()):
         raise ValueError("w contains NaN or Inf; quantization needs finite weights")
 
 
@@ -62,6 +66,7 @@ def _quantize_blocks(blocks: torch.Tensor, quant_type: str) -> tuple[torch.Tenso
     """
     lo, hi = torch.aminmax(blocks, dim=1)
     absmax = torch.maximum(-lo, hi).float()  # == |x|.max() per block, without an |x| temporary
+    _check_finite(absmax)
     scaled = blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)  # (nb, blocksize) float32
     return nearest_codes(scaled.view(-1), quant_type), absmax
 
@@ -69,6 +74,7 @@ def _quantize_blocks(blocks: torch.Tensor, quant_type: str) -> tuple[torch.Tenso
 def _quantize_tail(tail: torch.Tensor, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The last, partial block: bitsandbytes divides by its absmax (clamped to 1e-38) instead."""
     am = tail.float().abs().max().clamp(min=1e-38)
+    _check_finite(am)
     scaled = torch.clamp(tail.float() / am, -1, 1)
     return nearest_codes(scaled, quant_type), am.reshape(1)
 

@@ -67,13 +67,14 @@ def _grid_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 
 def nearest_codes(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
-    """Same result as `nearest_codes_reference` for float32 `scaled` in about [-1, 1]. `(n,)` uint8."""
+    """Same result as `nearest_codes_reference` for any finite float32 `scaled`. `(n,)` uint8."""
     code_below, code_above, threshold, sorted_codes = _grid_tables(quant_type)
     if code_below.device != scaled.device:
         code_below, code_above, threshold = (t.to(scaled.device) for t in (code_below, code_above, threshold))
     scaled = scaled.reshape(-1)  # (n,)
-    # bin = floor((x + 1) * GRID_HALF); x >= -1 - 1e-7 keeps the float non-negative before truncation
-    bins = scaled.mul(GRID_HALF).add_(GRID_HALF).clamp_(min=0).to(torch.int32)
+    # bin = floor((x + 1) * GRID_HALF). Clamping is exact: the first and last bins hold no
+    # bound, so any x below -1 (above 1) gets the lowest (highest) level anyway. NaN is not allowed.
+    bins = scaled.mul(GRID_HALF).add_(GRID_HALF).clamp_(0, 2 * GRID_HALF).to(torch.int32)
     above = scaled > threshold.index_select(0, bins)
     if sorted_codes:  # NF4: codes are sorted indices, so "above" adds exactly one
         codes = code_below.index_select(0, bins)

@@ -155,6 +155,10 @@ def test_nan_inf_raise(bad):
     w[2, 3] = bad
     with pytest.raises(ValueError, match="NaN or Inf"):
         quantize_4bit(w)
+    tail = torch.randn(100, dtype=torch.bfloat16)  # in the last, partial block
+    tail[99] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize_4bit(tail, double_quant=False)
 
 
 @pytest.mark.parametrize("blocksize", [16, 48, 8192, 64.0])
@@ -214,7 +218,7 @@ def test_fast_nearest_search_equals_binary_search(quant_type):
     g = torch.Generator().manual_seed(4)
     x = torch.cat([
         torch.rand(20000, generator=g) * 2 - 1,
-        torch.tensor([-1.0, 1.0, 0.0, -0.0, 1.0000001, -1.0000001]),
+        torch.tensor([-1.0, 1.0, 0.0, -0.0, 1.0000001, -1.0000001, 3.0, -7.0]),
         bounds, torch.nextafter(bounds, up), torch.nextafter(bounds, down),  # every tie and its neighbours
     ])
     assert torch.equal(nearest_codes(x, quant_type), nearest_codes_reference(x, quant_type))
