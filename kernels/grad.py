@@ -99,6 +99,6 @@ def nf4_matmul_grad_input(grad_y: torch.Tensor, packed: torch.Tensor,
         return out.zero_().reshape(*grad_y.shape[:-1], k)
     key = (_bucket(m), n, k, state.blocksize, state.double_quant, grad_y.dtype)
     cfg = pick_config("grad_input", key, lambda c: _launch(gy2, packed, state, out, c),
-                      valid=lambda c: c.block_m <= max(16, _bucket(m)))
+                      valid=lambda c: c.block_m <= max(64, _bucket(m)))
     _launch(gy2, packed, state, out, cfg)
     return out.reshape(*grad_y.shape[:-1], k)  # (..., K)

@@ -252,6 +252,6 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     else:
         launch = _launch_gemm
         cfg = pick_config("gemm", key, lambda c: launch(x2, packed, state, bias, out, c),
-                          valid=lambda c: c.block_m <= max(16, _bucket(m)))
+                          valid=lambda c: c.block_m <= max(64, _bucket(m)))
     launch(x2, packed, state, bias, out, cfg)
     return out.reshape(*x.shape[:-1], n)  # (..., N)
