@@ -208,6 +208,7 @@ class LoRALinear(LoRALayer):
     """
 
     adapter_dict_names = ("lora_A", "lora_B")
+    add_in_place = False  # True: the base layer always returns a fresh tensor (see _can_add_in_place)
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16,
                  dropout: float = 0.0, bias: bool = True, *, base_layer: nn.Module | None = None,
@@ -281,15 +282,31 @@ class LoRALinear(LoRALayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled and self.merged:
             self.unmerge()
-        result = self.base_layer(x, *args, **kwargs)
-        if self.disabled or self.merged:
-            return result
+        if self.disabled or self.merged or not self.active_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        x2d = x.reshape(-1, x.shape[-1])  # (N, in): 2-D, so the output can be updated without views
+        result = self.base_layer(x2d, *args, **kwargs)  # (N, out)
         for name in self.active_adapters:
             A, B = self.lora_A[name], self.lora_B[name]
-            h = A(self.lora_dropout[name](x.to(A.weight.dtype)))  # (..., r)
-            # Scale the thin (..., r) tensor rather than the (..., out) one: same math, less traffic.
-            result = result + B(h * self.scaling[name]).to(result.dtype)
-        return result
+            # Scale the thin (N, r) tensor rather than the (N, out) one: same math, less traffic.
+            h = A(self.lora_dropout[name](x2d.to(A.weight.dtype))) * self.scaling[name]  # (N, r)
+            if h.dtype != result.dtype:  # e.g. float32 adapters over a bfloat16 base
+                result = result + B(h).to(result.dtype)
+            elif self._can_add_in_place(result):
+                # result += h @ B^T in place: on the CPU a fresh (N, out) tensor costs more
+                # (allocation, page faults) than the rank-r matmul itself.
+                result = result.addmm_(h, B.weight.t())
+            else:
+                result = torch.addmm(result, h, B.weight.t())
+        return result.view(*x.shape[:-1], result.shape[-1])  # (..., out)
+
+    def _can_add_in_place(self, result: torch.Tensor) -> bool:
+        """Whether the base output may be updated in place: it must be a fresh tensor, which
+        holds for `nn.Linear` (set `add_in_place = True` on a subclass whose base also returns
+        fresh outputs; autograd raises if the base saved its output for backward). Views
+        are excluded: autograd would copy the whole gradient to undo them."""
+        fresh = self.add_in_place or type(self.base_layer) is nn.Linear
+        return fresh and not result._is_view() and not (result.is_leaf and result.requires_grad)
 
 
 class LoRAEmbedding(LoRALayer):

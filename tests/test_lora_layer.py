@@ -286,3 +286,28 @@ def test_embedding_forward_merge_gradients(num, dim, r, ids_shape):
     torch.testing.assert_close(layer(ids), out.detach(), atol=1e-5, rtol=1e-5)
     plain = layer.merge_and_unload()
     assert plain is emb and isinstance(plain, nn.Embedding)
+
+
+def test_generic_base_output_is_never_modified_in_place():
+    class CachedOutput(nn.Module):  # linear-like, but returns the same tensor every call
+        def __init__(self, fin, fout):
+            super().__init__()
+            self.in_features, self.out_features = fin, fout
+            self.register_buffer("cached", torch.randn(5, fout))
+
+        def forward(self, x):
+            return self.cached
+
+    torch.manual_seed(0)
+    base = CachedOutput(6, 4)
+    cached = base.cached.clone()
+    layer = LoRALinear.from_layer(base, r=2, alpha=2)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(5, 6, requires_grad=True)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    for _ in range(2):
+        out = layer(x)
+        assert_close(out, cached.double() + (x.double() @ A.double().T @ B.double().T), torch.float32)
+    out.sum().backward()
+    assert torch.equal(base.cached, cached) and A.grad is not None and x.grad is not None
