@@ -8,7 +8,9 @@ import torch
 
 from quant.state import QuantState
 
-from ._backend import select_backend
+from ._backend import requested_backend, select_backend
+
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class NF4LinearFunction(torch.autograd.Function):
@@ -60,12 +62,23 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
         x: (..., K) activations (float16, bfloat16 or float32).
         packed, state: the 4-bit weight of shape (N, K), from `quant.quantize_4bit`.
         bias: optional (N,) tensor with x's dtype.
-        backend: `None` reads `LORALAB_KERNELS` (default `auto`: Triton for CUDA inputs);
+        backend: `None` reads `LORALAB_KERNELS` (default `auto`: Triton for CUDA inputs the
+            kernels support, e.g. in_features a multiple of the blocksize; PyTorch otherwise);
             `"triton"` or `"torch"` forces a path.
 
     Returns:
         (..., N) tensor of x's dtype.
     """
-    if select_backend(x, backend) == "torch":
+    mode = select_backend(x, backend)
+    auto = (backend or requested_backend()) == "auto"  # not forced by argument or variable
+    if mode == "torch" or (auto and not kernels_support(x, state, bias)):
         return reference_linear(x, packed, state, bias)
     return NF4LinearFunction.apply(x, packed, state, bias)
+
+
+def kernels_support(x: torch.Tensor, state: QuantState, bias: torch.Tensor | None) -> bool:
+    """Whether the kernels take this layer as it is; `auto` falls back to PyTorch otherwise
+    (a forced `triton` backend raises the launcher's error instead)."""
+    return (x.dtype in ACT_DTYPES and len(state.shape) == 2
+            and int(state.shape[-1]) % state.blocksize == 0 and x.stride(-1) == 1
+            and (bias is None or bias.dtype == x.dtype))

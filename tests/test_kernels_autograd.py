@@ -94,6 +94,18 @@ def test_env_var_routes_nf4_linear(monkeypatch):
     assert calls == [1]
 
 
+def test_auto_falls_back_for_unsupported_layers(monkeypatch):
+    """in_features not a multiple of the blocksize: `auto` uses PyTorch, a forced `triton` raises."""
+    packed, state = quantize_4bit(torch.randn(8, 96), blocksize=64)
+    x = torch.randn(2, 96)
+    monkeypatch.setattr(kernels.autograd, "select_backend", lambda x, backend=None: "triton")
+    want = x @ dequantize_4bit(packed, state, dtype=torch.float32).T
+    torch.testing.assert_close(nf4_linear(x, packed, state), want)  # auto (variable unset)
+    monkeypatch.setenv(ENV_VAR, "triton")
+    with pytest.raises(ValueError, match="multiple of state.blocksize"):
+        nf4_linear(x, packed, state)
+
+
 def test_triton_available_without_triton(monkeypatch):
     assert triton_available() is True  # the interpreter is on in this test run
     monkeypatch.setattr(kernels._backend, "_triton_importable", lambda: False)
