@@ -23,6 +23,7 @@ from quant.state import QuantState
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 QUANT_TYPES = ("nf4", "fp4", "int4")  # any 16-level code book works
 
+
 def check_state(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     """Raise a clear error when `packed`/`state` are not a 4-bit tensor the kernels can read.
 

@@ -10,7 +10,7 @@ from quant.state import QuantState
 
 from ._backend import requested_backend, select_backend
 
-ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # as in _format (which needs triton)
 
 
 class NF4LinearFunction(torch.autograd.Function):
