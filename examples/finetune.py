@@ -124,14 +124,15 @@ def run(cfg: FinetuneConfig, load=load_llama) -> dict:
                                                zip(preds_after, preds_reloaded, strict=True))
     res["peak_rss_bytes"] = peak_rss_bytes()
     res["examples"] = [{"sentence": ex.sentence, "expected": ex.answer, "before": b, "after": a}
-                       for ex, b, a in zip(eval_set[:cfg.show], preds_before, preds_after)]
+                       for ex, b, a in zip(eval_set[:cfg.show], preds_before, preds_after, strict=False)]
     res["prompt_example"] = prompt(eval_set[0], shots)
     return res
 
 
 def max_answer_tokens(tok, examples) -> int:
-    """Longest expected answer in tokens (+ end of turn + slack): generation stops there."""
-    return max(len(tok.encode(ex.answer)) for ex in examples) + 4
+    """Longest expected answer in tokens, + end of turn + a newline: a longer output
+    cannot be an exact match, so generation stops there."""
+    return max(len(tok.encode(ex.answer)) for ex in examples) + 2
 
 
 def parse_args(argv=None) -> tuple[FinetuneConfig, argparse.Namespace]:

@@ -203,7 +203,7 @@ class Llama(nn.Module):
     def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
-        """Logits of the next token at every position.
+        """Logits of the next token at every position (`lm_head` of `hidden`).
 
         Args:
             idx: (B, T) token ids.
@@ -217,6 +217,18 @@ class Llama(nn.Module):
         Returns:
             (B, T, vocab_size) logits, or (B, 1, vocab_size) when last_only.
         """
+        x = self.hidden(idx, positions, mask, cache)  # (B, T, dim)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, dim)
+        return self.lm_head(x)
+
+    def hidden(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """Final normalised hidden states (B, T, dim); arguments as `forward`.
+
+        Training on answer tokens only can apply `lm_head` to those positions alone
+        (the vocabulary projection is a fifth of this model's FLOPs).
+        """
         B, T = idx.shape
         if positions is None:
             positions = torch.arange(T, device=idx.device).expand(B, T)  # (B, T)
@@ -227,9 +239,7 @@ class Llama(nn.Module):
         cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_base, upcast(x).dtype)
         for i, block in enumerate(self.model.layers):
             x = block(x, cos, sin, mask, cache, i)
-        if last_only:
-            x = x[:, -1:]  # (B, 1, dim)
-        return self.lm_head(self.model.norm(x))
+        return self.model.norm(x)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64,

@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 import lora.qlora  # noqa: F401  (registers QLoRALinear as the LoRA wrapper of quant.LinearNF4)
-from lora import LoRAConfig, apply_lora, load_adapter, save_adapter, trainable_parameters
+from lora import (
+    LoRAConfig,
+    apply_lora,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+    trainable_parameters,
+)
 from quant import LinearNF4, quantize_model
 
 # The linear layers of a Llama block (QLoRA sec. 4: adapters on all of them).
@@ -63,7 +70,9 @@ def prepare(model: nn.Module, method: str, r: int = 16, alpha: float = 32, dropo
     if method == "qlora":
         quantize_blocks(model, compute_dtype)
     if method in ("lora", "qlora"):
-        apply_lora(model, lora_config(r, alpha, dropout))
+        # Adapters in float32 whatever the base computes in: AdamW updates of bf16 weights
+        # round away (QLoRA keeps optimizer states in fp32 too, sec. 3 "paged optimizers").
+        apply_lora(model, lora_config(r, alpha, dropout), dtype=torch.float32)
     else:
         model.requires_grad_(method == "full")
     trainable, total = trainable_parameters(model)
@@ -90,4 +99,7 @@ def reload_adapter(model: nn.Module, method: str, directory: Path,
     """Load a saved adapter into a freshly loaded model (quantizing it first for QLoRA)."""
     if method == "qlora":
         quantize_blocks(model, compute_dtype)
+    config, _ = read_adapter(directory)  # the file's own config, adapters in float32 as trained
+    apply_lora(model, config, dtype=torch.float32)
     load_adapter(model, directory)
+    model.requires_grad_(False)

@@ -80,3 +80,17 @@ def test_encode_masks_the_prompt_and_collate_shifts():
     # Exactly the answer tokens are scored.
     assert int((targets != IGNORE).sum()) == sum(len(completion(e)) for e in exs)
     assert targets.dtype == torch.long
+
+
+def test_answer_only_loss_equals_the_full_cross_entropy():
+    from llama import Llama, LlamaConfig
+    from training import lm_loss
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=128, dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                              ffn_dim=24, max_seq_len=256)).double()
+    pairs = [encode_example(CharTokenizer(), ex) for ex in make_splits(3, 0, seed=1)[0]]
+    idx, targets = collate(pairs, pad_id=0)
+    ref = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), targets.flatten(),
+                                            ignore_index=IGNORE)
+    torch.testing.assert_close(lm_loss(model, idx, targets), ref, atol=1e-12, rtol=1e-12)
