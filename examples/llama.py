@@ -188,6 +188,31 @@ class KVCache:
         self.k[layer], self.v[layer] = k, v
         return k, v
 
+    def expand(self, batch: int) -> None:
+        """Share a cache computed for one sequence (a common prompt prefix) with `batch` rows."""
+        self.k = [k.expand(batch, -1, -1, -1) for k in self.k]  # (batch, Hkv, S, hd), no copy
+        self.v = [v.expand(batch, -1, -1, -1) for v in self.v]
+
+
+def shared_prefix_length(prompts: list[list[int]]) -> int:
+    """Length of the token prefix common to all prompts, leaving each at least one token."""
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return max(n, 0)
+
+
+def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (B, P) left-padded with 0, and a boolean (B, P) marking the real tokens."""
+    B, P = len(prompts), max(len(p) for p in prompts)
+    idx = torch.zeros(B, P, dtype=torch.long, device=device)  # (B, P)
+    valid = torch.zeros(B, P, dtype=torch.bool, device=device)  # (B, P)
+    for b, p in enumerate(prompts):
+        idx[b, P - len(p):] = torch.tensor(p, device=device)
+        valid[b, P - len(p):] = True
+    return idx, valid
+
 
 class Llama(nn.Module):
     """A Llama causal language model (Touvron et al. 2023)."""
@@ -247,8 +272,9 @@ class Llama(nn.Module):
                  generator: torch.Generator | None = None) -> list[list[int]]:
         """Continue a batch of prompts with a KV cache; greedy when temperature == 0.
 
-        Prompts of different lengths are left-padded; each row stops at `eos_id`
-        (which is included in its output) or after `max_new_tokens`.
+        The tokens all prompts share at the start (a chat template, an instruction) are
+        run once for the whole batch; the rest are left-padded. Each row stops at
+        `eos_id` (which is included in its output) or after `max_new_tokens`.
 
         Returns:
             The new tokens of each prompt (without the prompt).
@@ -258,17 +284,19 @@ class Llama(nn.Module):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         device = self.model.embed_tokens.weight.device
-        B, P = len(prompts), max(len(p) for p in prompts)
-        idx = torch.zeros(B, P, dtype=torch.long, device=device)  # (B, P), left-padded
-        valid = torch.zeros(B, P, dtype=torch.bool, device=device)  # (B, P)
-        for b, p in enumerate(prompts):
-            idx[b, P - len(p):] = torch.tensor(p, device=device)
-            valid[b, P - len(p):] = True
-        positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, P): 0 at the first real token
+        cache = KVCache(self.config.n_layers)
+        L = shared_prefix_length(prompts)
+        if L:
+            self.hidden(torch.tensor([prompts[0][:L]], device=device), cache=cache)  # (1, L, dim)
+            cache.expand(len(prompts))
+        idx, valid = left_pad([p[L:] for p in prompts], device)  # (B, P) each
+        B, P = idx.shape
+        positions = L + (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, P): L at the first real token
         causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()  # (P, P)
         eye = torch.eye(P, dtype=torch.bool, device=device)  # pads attend to themselves (no NaN)
-        mask = (causal & valid[:, None, :]) | eye  # (B, P, P)
-        cache = KVCache(self.config.n_layers)
+        valid = torch.cat([torch.ones(B, L, dtype=torch.bool, device=device), valid], 1)  # (B, L + P)
+        mask = torch.cat([valid[:, None, :L].expand(B, P, L),  # every query sees the prefix
+                          (causal & valid[:, None, L:]) | eye], 2)  # (B, P, L + P)
         logits = self(idx, positions, mask.unsqueeze(1), cache, last_only=True)[:, -1]  # (B, vocab)
         next_pos = positions[:, -1] + 1  # (B,)
         out = [[] for _ in range(B)]

@@ -137,6 +137,20 @@ def test_kv_cache_generation_matches_recomputation(name):
         assert model.generate([p], max_new_tokens=6)[0] == out
 
 
+def test_shared_prompt_prefix_is_run_once_with_the_same_result():
+    from llama import shared_prefix_length
+
+    model = tiny("odd")
+    prefix = [5, 9, 2, 6, 5, 3]
+    prompts = [prefix + [1, 2, 3], prefix + [4], prefix + [8, 8, 8, 8, 8], prefix[:4]]
+    assert shared_prefix_length(prompts) == 3  # the last prompt keeps one token of its own
+    assert shared_prefix_length(prompts[:3]) == 6 and shared_prefix_length([[1, 2]]) == 1
+    for batch in (prompts, prompts[:3]):
+        out = model.generate(batch, max_new_tokens=5)
+        for p, o in zip(batch, out, strict=True):
+            assert o == greedy_without_cache(model, p, 5)
+
+
 def test_generation_stops_at_eos_per_row():
     model = tiny()
     prompts = [[1, 2, 3], [4, 5]]
