@@ -37,13 +37,16 @@ bench: install
 	$(PY) benchmarks/lora_layer.py
 	$(PY) benchmarks/quant_error.py
 	$(PY) benchmarks/quant_speed.py
+	$(PY) benchmarks/training.py
+	$(PY) benchmarks/report.py
 
 lint: install
 	$(PY) -m ruff check lora quant kernels tests benchmarks examples
 
+# One prepared script for a lent CUDA machine (no installs there): CUDA tests, then the
+# kernel benchmarks; CSV, PNG and logs go to $(OUT).
 gpu-check:
-	OUT=$(OUT) PYTHONPATH=. $(GPU_PY) -m pytest -q -m cuda tests
-	OUT=$(OUT) PYTHONPATH=. $(GPU_PY) benchmarks/kernels.py --out $(OUT)
+	PYTHONPATH=. $(GPU_PY) benchmarks/gpu_check.py --out $(OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -67,6 +67,7 @@ def write_rows(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
             writer.writeheader()
             for row in rows:
                 writer.writerow(row)
+        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
