@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ["tests/test_kernels_cuda.py"]
+TESTS = ["tests/test_kernels_cuda.py", "tests/test_memory.py"]
 
 
 def run_tests(out: Path, timeout_s: float) -> bool:
