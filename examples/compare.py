@@ -54,19 +54,20 @@ def print_comparison(results: list[dict]) -> None:
         sps = r.get("seconds_per_step")
         print(f"{r['method']:<10} {r['acc']:>8.0%} {r['trainable_params']:>12,d} "
               f"{r['trainable_pct']:>8.3f} {fmt_bytes(r['saved_bytes']):>10} "
-              f"{r['peak_rss_bytes'] / MB:>7,.0f} MB {sps if sps is None else f'{sps:.2f}':>7} "
+              f"{r['peak_rss_bytes'] / MB:>7,.0f} MB {'-' if sps is None else f'{sps:.2f}':>7} "
               f"{r['total_seconds']:>8.0f}")
     by = {r["method"]: r for r in results}
     if "lora" in by and "qlora" in by:
         lo, q = by["lora"], by["qlora"]
-        print(f"\nQLoRA vs LoRA: block weights {lo['base_stored_bytes'] / q['base_stored_bytes']:.2f}x "
-              f"smaller, peak RSS {lo['peak_rss_bytes'] / q['peak_rss_bytes']:.2f}x smaller, "
-              f"{q['seconds_per_step'] / lo['seconds_per_step']:.2f}x the time per step")
+        print(f"\nQLoRA / LoRA: block weights {q['base_stored_bytes'] / lo['base_stored_bytes']:.3f}x, "
+              f"peak RSS {q['peak_rss_bytes'] / lo['peak_rss_bytes']:.2f}x, "
+              f"time per step {q['seconds_per_step'] / lo['seconds_per_step']:.2f}x")
     if "full" in by and "lora" in by:
         f, lo = by["full"], by["lora"]
-        print(f"LoRA vs full fine-tuning: {f['trainable_params'] / lo['trainable_params']:.0f}x fewer "
-              f"trainable parameters, saved file {f['saved_bytes'] / lo['saved_bytes']:.0f}x smaller, "
-              f"peak RSS {f['peak_rss_bytes'] / lo['peak_rss_bytes']:.2f}x smaller")
+        print(f"LoRA / full fine-tuning: trainable parameters {lo['trainable_params'] / f['trainable_params']:.4f}x, "
+              f"saved bytes {lo['saved_bytes'] / f['saved_bytes']:.4f}x, "
+              f"peak RSS {lo['peak_rss_bytes'] / f['peak_rss_bytes']:.2f}x, "
+              f"time per step {lo['seconds_per_step'] / f['seconds_per_step']:.2f}x")
 
 
 def bar_chart(results: list[dict], path: Path) -> Path:
@@ -97,12 +98,20 @@ def compare(cfg, methods: list[str] | None = None) -> int:
         raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    results, failed = [], []
     for method in methods:
         print(f"\n### {method}", flush=True)
-        results.append(run_method(cfg, method))
+        try:
+            results.append(run_method(cfg, method))
+        except RuntimeError as e:  # keep the other methods' figures
+            print(f"error: {e}", file=sys.stderr)
+            failed.append(method)
+    if not results:
+        return 2
     print_comparison(results)
     print("(bottleneck adapters and prompt tuning: not in the lora package yet, no rows)")
     rows = [row for r in results for row in rows_of(r, benchmark="finetune_compare")]
     print(f"\ncsv: {write_rows(out / 'compare.csv', rows)}\nchart: {bar_chart(results, out / 'compare.png')}")
-    return 0
+    if failed:
+        print(f"failed: {', '.join(failed)} (see the errors above)", file=sys.stderr)
+    return 1 if failed else 0

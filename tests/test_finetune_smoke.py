@@ -95,3 +95,27 @@ def test_cli_errors_are_clear(tmp_path, tiny_gguf, capsys):
     assert "unsupported GGUF architecture 'gpt2'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown method"):
         prepare(torch.nn.Linear(2, 2), "adapter")
+
+
+def test_compare_table_chart_and_rows(tmp_path, capsys):
+    from compare import bar_chart, print_comparison, worker_command
+    from report import rows_of
+
+    def fake(method, acc, trainable, saved, rss, sps, stored):
+        return {"method": method, "acc": acc, "acc_before": 0.0, "trainable_params": trainable,
+                "all_params": 1000, "trainable_pct": trainable / 10, "saved_bytes": saved,
+                "peak_rss_bytes": rss, "seconds_per_step": sps, "base_bf16_bytes": 200,
+                "base_stored_bytes": stored, "eval_seconds": 1.0, "total_seconds": 5.0, "steps": 3}
+
+    results = [fake("zero-shot", 0.0, 0, 0, 100, None, 400), fake("full", 0.9, 1000, 4000, 300, 2.0, 400),
+               fake("lora", 0.95, 10, 40, 200, 1.0, 400), fake("qlora", 0.94, 10, 40, 150, 1.5, 52)]
+    print_comparison(results)
+    out = capsys.readouterr().out
+    assert "QLoRA / LoRA: block weights 0.130x, peak RSS 0.75x, time per step 1.50x" in out
+    assert "LoRA / full fine-tuning: trainable parameters 0.0100x" in out
+    assert bar_chart(results, tmp_path / "c.png").stat().st_size > 1000
+    rows = rows_of(results[3], benchmark="finetune_compare")
+    assert {r["metric"] for r in rows} >= {"accuracy", "peak_rss_bytes", "saved_bytes", "trainable_params"}
+    cfg = finetune.FinetuneConfig(out=str(tmp_path), steps=7)
+    cmd = worker_command(cfg, "lora", tmp_path / "lora.json")
+    assert cmd[cmd.index("--steps") + 1] == "7" and "--no-reload" in cmd and "--lr" not in cmd
