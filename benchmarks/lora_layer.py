@@ -7,6 +7,7 @@ Writes benchmarks/results/lora_layer.csv and lora_layer.png and prints the ratio
 
     python benchmarks/lora_layer.py                      # d in {1024, 4096}, r in {8, 16, 64}, fp32 + bf16
     python benchmarks/lora_layer.py --d 1024 --repeat 3  # quicker
+    python benchmarks/lora_layer.py --plot-only          # redraw the PNG from the CSV
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS_DIR, make_row, time_cpu, write_rows  # noqa: E402
+from benchmarks.common import RESULTS_DIR, make_row, read_rows, time_cpu, write_rows  # noqa: E402
 from lora import LoRALinear  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -103,23 +104,44 @@ def run(ds, ranks, dtypes, tokens, repeat, threads):
     return rows, times
 
 
+def times_from_rows(rows: list[dict]) -> dict:
+    """{(dtype, d, r, provider): seconds} from the CSV rows (so plots come from the CSV)."""
+    times = {}
+    for row in rows:
+        if row["metric"] != "fwd_bwd_time":
+            continue
+        fields = dict(kv.split("=") for kv in row["shape"].split(",") if "=" in kv)
+        dname = row["shape"].rsplit(",", 1)[1]
+        times[(dname, int(fields["d"]), int(fields["r"]), row["provider"])] = float(row["value"]) / 1e3
+    return times
+
+
 def plot(times, path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     keys = sorted({(dn, d) for dn, d, _, _ in times})
+    colors = {"frozen_linear": "black", "loralab": "tab:blue", "loralab_fp32_adapters": "tab:cyan",
+              "peft": "tab:orange", "loralib": "tab:green"}
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
     for ax, (dname, d) in zip(axes[0], keys, strict=True):
         ranks = sorted({r for dn, dd, r, _ in times if (dn, dd) == (dname, d)})
         names = sorted({n for dn, dd, _, n in times if (dn, dd) == (dname, d)})
         for name in names:
-            ax.plot(ranks, [times[(dname, d, r, name)] * 1e3 for r in ranks], marker="o", label=name)
-        ax.set(title=f"d={d}, {dname}", xlabel="rank r", ylabel="fwd+bwd ms (median)", xscale="log")
-        ax.set_xticks(ranks, [str(r) for r in ranks])
+            ax.plot(range(len(ranks)), [times[(dname, d, r, name)] * 1e3 for r in ranks], marker="o",
+                    label=name, color=colors.get(name), linestyle="--" if name == "frozen_linear" else "-")
+        ax.set(title=f"d={d}, {dname}", xlabel="rank r", ylabel="fwd+bwd ms (median)")
+        ax.set_xticks(range(len(ranks)), [str(r) for r in ranks])
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("One LoRA layer, forward + backward, CPU")
-    fig.tight_layout()
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), fontsize=8, loc="lower center", ncol=len(handles))
+    fig.subplots_adjust(bottom=0.25)
+    fig.suptitle("One LoRA layer, forward + backward, CPU (2 threads, 2048 tokens)")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
 
 
@@ -132,9 +154,14 @@ def main(argv=None):
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS_DIR)
+    p.add_argument("--plot-only", action="store_true", help="redraw the plot from the existing CSV")
     args = p.parse_args(argv)
-    rows, times = run(args.d, args.r, args.dtype, args.tokens, args.repeat, args.threads)
-    csv_path = write_rows(args.out / "lora_layer.csv", rows)
+    csv_path = args.out / "lora_layer.csv"
+    if args.plot_only:
+        times = times_from_rows(read_rows(csv_path))
+    else:
+        rows, times = run(args.d, args.r, args.dtype, args.tokens, args.repeat, args.threads)
+        write_rows(csv_path, rows)
     plot(times, args.out / "lora_layer.png")
     print(f"{'config':<34} {'loralab ms':>10} {'/frozen':>8} {'/peft':>7} {'/loralib':>8}")
     for dn, d, r, name in sorted(times):

@@ -39,7 +39,7 @@ def check_choice(name: str, value, allowed: tuple[str, ...]) -> str:
 
 
 def scaling_for(r: int, alpha: float, rslora: bool) -> float:
-    """`alpha / r` (LoRA sec. 4.1) or `alpha / sqrt(r)` (rsLoRA, Kalajdzievski 2023, eq. 3)."""
+    """`alpha / r` (LoRA sec. 4.1) or `alpha / sqrt(r)` (rsLoRA, Kalajdzievski 2023, "rank-stabilized" scaling)."""
     return alpha / math.sqrt(r) if rslora else alpha / r
 
 
@@ -67,7 +67,7 @@ class LoRAConfig:
     exclude_modules: list[str] | str | None = None  # same matching rule; wins over target_modules
     bias: str = "none"  # "none" | "all" | "lora_only": which biases train too (more params, can't disable cleanly)
     rslora: bool = False  # alpha / sqrt(r) instead of alpha / r: stabler at large r (rsLoRA)
-    init: str = "kaiming"  # "kaiming" (A kaiming-uniform, a=sqrt 5) or "gaussian" (A ~ N(0, 1/r)); B is zero
+    init: str = "kaiming"  # "kaiming" (A kaiming-uniform, a=sqrt 5) or "gaussian" (A normal with std 1/r); B is zero
     fan_in_fan_out: bool = False  # True for GPT-2 Conv1D weights stored (in, out); set automatically for Conv1D
     rank_pattern: dict[str, int] = field(default_factory=dict)  # regex -> r for matching modules
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex -> alpha for matching modules

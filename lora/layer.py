@@ -201,7 +201,7 @@ class LoRALinear(LoRALayer):
         base_layer: wrap this layer instead of creating one (kept as is: no copy).
         fan_in_fan_out: the base weight is stored (in, out), as GPT-2's Conv1D.
         init: "kaiming" (A kaiming-uniform with a = sqrt(5), the nn.Linear default) or
-            "gaussian" (A ~ N(0, 1/r)); B is zero either way.
+            "gaussian" (A normal with std 1/r); B is zero either way.
         dtype: adapter dtype (default float32, float64 for a float64 base).
 
     Shapes: x (..., in_features) -> (..., out_features); output dtype = input dtype.
@@ -263,7 +263,7 @@ class LoRALinear(LoRALayer):
 
     @torch.no_grad()
     def reset_adapter(self, adapter_name: str, init: str = "kaiming") -> None:
-        """A: kaiming-uniform with a = sqrt(5) (as nn.Linear; PEFT's default) or N(0, 1/r); B: zeros."""
+        """A: kaiming-uniform with a = sqrt(5) (as nn.Linear; PEFT's default) or normal with std 1/r (PEFT's "gaussian"); B: zeros."""
         A = self.lora_A[adapter_name].weight
         if init == "gaussian":
             nn.init.normal_(A, std=1.0 / self.r[adapter_name])
