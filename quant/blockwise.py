@@ -6,15 +6,27 @@ the same order), so packed bytes and absmax values agree bit for bit:
 - 4-bit: one float32 absmax per block of the flattened tensor; full blocks are scaled
   by `x * (1 / absmax)`, the last partial block by `x / absmax`; the scaled value goes
   to the nearest level of the code book, a tie to the lower level (`torch.bucketize`
-  over the midpoints of the sorted code).
+  over the midpoints of the sorted code; `quant.search` computes the same result faster).
+  The packed layout is two codes per byte, element 2i in the high nibble; for an odd
+  element count the last low nibble holds the code of 0.0.
 - 8-bit (the nested absmax of double quantization, QLoRA sec. 3): bitsandbytes maps a
   scaled value v in [-1, 1] to one of 65536 bins, `int(((v + 1) * 0.5) * 65535 + 0.5)`,
   and each bin to the level nearest its center. This equals "nearest level" except
   for values within 2**-16 of a midpoint between two levels.
+
+Dequantization computes `code[q] * absmax[block]` in float32 and rounds once to the
+output dtype, as bitsandbytes does, so both libraries return identical tensors.
+Known bitsandbytes 0.50 CPU quirks (not copied): its native 4-bit dequantize returns
+wrong values for some shapes whose last dimension is not a multiple of the blocksize
+(e.g. (4, 96) at blocksize 64; its own quantizer and its PyTorch fallback agree with
+this module there), and it returns shape (1, n) for 1-D weights.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import torch
 
@@ -54,6 +66,50 @@ def _check_finite(absmax: torch.Tensor) -> None:
     # max |x| of a block is NaN or Inf exactly when the block holds a NaN or an Inf
     if not bool(torch.isfinite(absmax).all()):
         raise ValueError("w contains NaN or Inf; quantization needs finite weights")
+
+
+@contextlib.contextmanager
+def _single_threaded():
+    """Run small CPU ops on one thread: on a loaded machine a parallel op's thread barrier
+    costs milliseconds, more than the work on a few hundred thousand elements."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
+def _for_chunks(step: Callable[[int, int], None], full: int, blocksize: int, device: torch.device) -> None:
+    """Call `step(start, stop)` over [0, full) in chunks of whole blocks (the result does not
+    depend on the chunking).
+
+    On the CPU, chunks of ~CHUNK elements keep the temporaries in cache, and with T > 1
+    torch threads the chunks run on T Python threads with single-threaded torch ops
+    (the ops release the GIL): this avoids one thread barrier per op per chunk, which on
+    a loaded machine costs more than the work. The global thread count is restored after.
+    On other devices the whole range is one step.
+    """
+    if full == 0:
+        return
+    if device.type != "cpu":
+        step(0, full)
+        return
+    chunk = max(blocksize, CHUNK // blocksize * blocksize)
+    bounds = [(start, min(start + chunk, full)) for start in range(0, full, chunk)]
+    threads = torch.get_num_threads()
+    if threads == 1 or len(bounds) == 1:
+        for start, stop in bounds:
+            step(start, stop)
+        return
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(lambda b: step(*b), bounds))  # list() re-raises a worker's exception
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _quantize_blocks(blocks: torch.Tensor, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,10 +181,15 @@ def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch
                               blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
     """Inverse of `quantize_blockwise_8bit`: `code[q] * absmax[block]`, `(n,)` float32."""
     code = dynamic_map_8bit() if code is None else code.float()
-    values = code.to(q.device)[q.reshape(-1).long()]  # (n,)
+    values = code.to(q.device).index_select(0, q.reshape(-1).int())  # (n,)
     n = values.numel()
-    scale = absmax.float().repeat_interleave(blocksize)[:n]  # (n,)
-    return values * scale
+    full = n - n % blocksize
+    out = torch.empty_like(values)
+    torch.mul(values[:full].view(-1, blocksize), absmax[: full // blocksize].float().unsqueeze(1),
+              out=out[:full].view(-1, blocksize))  # (n // blocksize, blocksize)
+    if full < n:
+        out[full:] = values[full:] * absmax[-1].float()
+    return out
 
 
 def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
@@ -155,13 +216,13 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     full = n - n % blocksize
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device)
-    # Chunks of whole blocks keep the temporaries in cache; the result does not depend on CHUNK.
-    chunk = max(blocksize, CHUNK // blocksize * blocksize)
-    for start in range(0, full, chunk):
-        stop = min(start + chunk, full)
+
+    def step(start: int, stop: int) -> None:
         codes, absmax[start // blocksize: stop // blocksize] = _quantize_blocks(
             flat[start:stop].view(-1, blocksize), quant_type)  # (nb, blocksize)
         _pack_into(codes, packed[start // 2: stop // 2])
+
+    _for_chunks(step, full, blocksize, w.device)
     if full < n:
         codes, absmax[-1:] = _quantize_tail(flat[full:], quant_type)
         if codes.numel() % 2:  # odd n: the pad nibble codes 0.0, as bitsandbytes
@@ -172,7 +233,8 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
                        quant_type=quant_type, code=code)
     if double_quant:
         offset = absmax.mean()
-        qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset)
+        with _single_threaded():
+            qabsmax, nested_absmax = quantize_blockwise_8bit(absmax - offset)
         state.absmax = qabsmax
         state.offset = offset
         state.nested_absmax = nested_absmax
@@ -185,9 +247,10 @@ def state_absmax(state: QuantState) -> torch.Tensor:
     """The float32 absmax per block, undoing double quantization when it was used."""
     if not state.double_quant:
         return state.absmax.float()
-    absmax = dequantize_blockwise_8bit(state.absmax, state.nested_absmax, state.nested_code,
-                                       state.nested_blocksize)
-    return absmax + state.offset.float()
+    with _single_threaded():
+        absmax = dequantize_blockwise_8bit(state.absmax, state.nested_absmax, state.nested_code,
+                                           state.nested_blocksize)
+        return absmax + state.offset.float()
 
 
 def check_packed(packed: torch.Tensor, state: QuantState) -> None:
@@ -243,12 +306,13 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState,
     flat = packed.reshape(-1)  # (n_bytes,)
     out = torch.empty(n, dtype=dtype, device=packed.device)
     full = n - n % bs
-    chunk = max(bs, CHUNK // bs * bs)
-    for start in range(0, full, chunk):
-        stop = min(start + chunk, full)
+
+    def step(start: int, stop: int) -> None:
         values = _levels(table, flat[start // 2: stop // 2]).view(-1, bs)  # (nb, bs) float32
         # float32 product, rounded once to dtype on the write (bitsandbytes' order of operations)
         torch.mul(values, absmax[start // bs: stop // bs].unsqueeze(1), out=out[start:stop].view(-1, bs))
+
+    _for_chunks(step, full, bs, packed.device)
     if full < n:
         values = _levels(table, flat[full // 2:])[: n - full]  # (n - full,)
         out[full:] = values * absmax[-1]

@@ -136,3 +136,11 @@ def test_model_level_merge_and_unload():
 def test_bad_base():
     with pytest.raises(TypeError, match="LinearNF4"):
         QLoRALinear.from_layer(nn.Linear(4, 4))
+
+
+def test_direct_construction_builds_a_4bit_base():
+    layer = QLoRALinear(64, 16, r=2, alpha=4, blocksize=32, double_quant=False)
+    assert isinstance(layer.base_layer, LinearNF4) and layer.base_layer.blocksize == 32
+    assert layer.lora_A["default"].weight.dtype == torch.bfloat16  # the default compute dtype
+    x = torch.randn(3, 64)
+    assert torch.equal(layer(x), layer.base_layer(x))  # B starts at zero
