@@ -234,3 +234,21 @@ def test_chunked_loops_match_one_shot(monkeypatch):
     packed2, state2 = quantize_4bit(w, blocksize=64)
     assert torch.equal(packed, packed2) and torch.equal(state.absmax, state2.absmax)
     assert torch.equal(dequantize_4bit(packed2, state2), deq)
+
+
+def test_threaded_chunks_raise_and_restore_thread_count(monkeypatch):
+    import quant.blockwise as bw
+
+    monkeypatch.setattr(bw, "CHUNK", 64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w = torch.randn(16, 64)
+        w[11, 5] = float("nan")  # in a chunk handled by a worker thread
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            quantize_4bit(w)
+        assert torch.get_num_threads() == 2
+        packed, state = quantize_4bit(torch.randn(16, 64))
+        assert torch.get_num_threads() == 2 and torch.isfinite(dequantize_4bit(packed, state)).all()
+    finally:
+        torch.set_num_threads(previous)
