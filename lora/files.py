@@ -6,16 +6,26 @@ Keys are `base_model.model.<module path>.<param>` with the adapter name left out
 `...c_attn.base_layer.bias` (bias="lora_only"), `...ln_f.weight` (modules_to_save).
 The adapter "default" goes in the folder itself, any other adapter in a sub-folder of
 its name (PEFT's `save_pretrained` rule).
+
+Crash safety: each file is replaced atomically (temp file in the same folder, fsync,
+`os.replace`), weights first, config second. The weights file carries the config text it
+was saved with, and the hash of the config it replaces, in its safetensors metadata, so
+a save killed between the two renames leaves (new weights, old config): `read_adapter`
+recognises the stale config by its hash and uses the embedded one. A folder therefore
+always reads as the previous complete adapter or the new one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoRAConfig
@@ -24,6 +34,8 @@ from .inject import CONFIG_ATTR, apply_lora, lora_layers, modules_to_save_names
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+META_CONFIG = "loralab.adapter_config"  # safetensors metadata: the config text saved with these weights
+META_REPLACES = "loralab.replaces_config_sha256"  # ... and the hash of the config.json it replaced
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str, config: LoRAConfig) -> dict[str, torch.Tensor]:
@@ -54,6 +66,8 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:  # on disk before the rename, so a power cut cannot leave an empty file
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -84,8 +98,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_names: 
         tensors = {PREFIX + k: t.detach().to("cpu").contiguous().clone()
                    for k, t in adapter_tensors(model, name, configs[name]).items()}
         config_text = json.dumps(configs[name].to_peft_dict(), indent=2, sort_keys=True)
-        _atomic_write(folder / WEIGHTS_NAME, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
-        _atomic_write(folder / CONFIG_NAME, lambda tmp, s=config_text: Path(tmp).write_text(s + "\n"))
+        config_text += "\n"
+        old_config = folder / CONFIG_NAME
+        metadata = {"format": "pt", META_CONFIG: config_text,
+                    META_REPLACES: _sha256(old_config.read_bytes()) if old_config.is_file() else ""}
+        _atomic_write(folder / WEIGHTS_NAME, lambda tmp, t=tensors, m=metadata: save_file(t, tmp, metadata=m))
+        _atomic_write(folder / CONFIG_NAME, lambda tmp, s=config_text: Path(tmp).write_text(s))
         written.append(folder)
     return written
 
@@ -96,10 +114,32 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, to
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} not found")
-    config = LoRAConfig.from_peft_dict(json.loads((directory / CONFIG_NAME).read_text()))
-    raw = load_file(str(directory / WEIGHTS_NAME))
+    config_bytes = (directory / CONFIG_NAME).read_bytes()
+    try:
+        with safe_open(str(directory / WEIGHTS_NAME), framework="pt") as f:
+            metadata = f.metadata() or {}
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise ValueError(f"directory: {directory / WEIGHTS_NAME} is not a readable safetensors file "
+                         f"(corrupt or truncated?): {err}") from err
+    embedded = metadata.get(META_CONFIG)
+    if embedded is not None and embedded.encode() != config_bytes and metadata.get(META_REPLACES) == _sha256(config_bytes):
+        warnings.warn(f"{directory / CONFIG_NAME} predates the weights (a save was interrupted); "
+                      "using the config saved inside the weights file", stacklevel=2)
+        config_bytes = embedded.encode()
+    try:
+        config_dict = json.loads(config_bytes)
+    except ValueError as err:  # JSONDecodeError or bad UTF-8
+        raise ValueError(f"directory: {directory / CONFIG_NAME} is not valid JSON: {err}") from err
+    if not isinstance(config_dict, dict):
+        raise ValueError(f"directory: {directory / CONFIG_NAME} must hold a JSON object, got {type(config_dict).__name__}")
+    config = LoRAConfig.from_peft_dict(config_dict)
     tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
     return config, tensors
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _snapshot(model: nn.Module) -> dict:
