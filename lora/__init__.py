@@ -16,10 +16,11 @@ from .inject import (
     unload,
 )
 from .layer import LoRAEmbedding, LoRALayer, LoRALinear
+from .qlora import QLoRALinear
 
 __all__ = [
     "LORA_LAYER_TYPES", "LoRAConfig", "LoRAEmbedding", "LoRALayer", "LoRALinear", "apply_lora",
     "delete_adapter", "disable_adapters", "load_adapter", "lora_layers", "mark_only_lora_as_trainable",
-    "merge_and_unload", "print_trainable_parameters", "read_adapter", "register_lora_layer",
+    "merge_and_unload", "print_trainable_parameters", "QLoRALinear", "read_adapter", "register_lora_layer",
     "save_adapter", "set_adapter", "trainable_parameters", "unload",
 ]
