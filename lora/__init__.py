@@ -16,6 +16,7 @@ from .inject import (
     unload,
 )
 from .layer import LoRAEmbedding, LoRALayer, LoRALinear
+from .dora import apply_lora  # inject.apply_lora plus DoRA (config.dora)
 from .qlora import QLoRALinear
 
 __all__ = [

@@ -72,6 +72,7 @@ class LoRAConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)  # regex -> r for matching modules
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex -> alpha for matching modules
     modules_to_save: list[str] | None = None  # modules trained in full and saved with the adapter (e.g. a head)
+    dora: bool = False  # DoRA (Liu et al. 2024): learn row magnitudes too; closer to full fine-tuning, slower step
 
     def __post_init__(self):
         check_rank(self.r)
@@ -95,6 +96,8 @@ class LoRAConfig:
                 setattr(self, name, sorted(value))
             elif value is not None and not isinstance(value, (str, list)):
                 raise TypeError(f"{name} must be a list of names, a regex string or None, got {type(value).__name__}")
+        if not isinstance(self.dora, bool):
+            raise TypeError(f"dora must be a bool, got {type(self.dora).__name__}")
         if self.target_modules is None:
             raise ValueError("target_modules must be given: a list of module names, a regex, or 'all-linear'")
 
@@ -117,15 +120,15 @@ class LoRAConfig:
             "init_lora_weights": True if self.init == "kaiming" else "gaussian",
             "fan_in_fan_out": self.fan_in_fan_out,
             "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
-            "modules_to_save": self.modules_to_save, "use_dora": False, "inference_mode": True,
+            "modules_to_save": self.modules_to_save, "use_dora": bool(self.dora), "inference_mode": True,
         }
 
     @classmethod
     def from_peft_dict(cls, d: dict) -> "LoRAConfig":
-        """Read PEFT's `adapter_config.json` (LoRA only; DoRA and friends are refused)."""
+        """Read PEFT's `adapter_config.json` (LoRA and DoRA; other variants are refused)."""
         if d.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"adapter_config.json: peft_type must be 'LORA', got {d.get('peft_type')!r}")
-        for unsupported in ("use_dora", "layers_to_transform", "layer_replication", "lora_bias"):
+        for unsupported in ("layers_to_transform", "layer_replication", "lora_bias"):
             if d.get(unsupported):
                 raise ValueError(f"adapter_config.json: {unsupported}={d[unsupported]!r} is not supported")
         init = d.get("init_lora_weights", True)
@@ -136,7 +139,7 @@ class LoRAConfig:
             init="gaussian" if init == "gaussian" else "kaiming",
             fan_in_fan_out=bool(d.get("fan_in_fan_out", False)),
             rank_pattern=dict(d.get("rank_pattern") or {}), alpha_pattern=dict(d.get("alpha_pattern") or {}),
-            modules_to_save=d.get("modules_to_save"),
+            modules_to_save=d.get("modules_to_save"), dora=bool(d.get("use_dora", False)),
         )
 
     def to_dict(self) -> dict:

@@ -3,7 +3,8 @@
 One adapter = one folder with `adapter_config.json` and `adapter_model.safetensors`.
 Keys are `base_model.model.<module path>.<param>` with the adapter name left out, e.g.
 `base_model.model.h.0.attn.c_attn.lora_A.weight`, `...wte.lora_embedding_A`,
-`...c_attn.base_layer.bias` (bias="lora_only"), `...ln_f.weight` (modules_to_save).
+`...c_attn.base_layer.bias` (bias="lora_only"), `...ln_f.weight` (modules_to_save),
+`...c_attn.lora_magnitude_vector` (DoRA's m, as PEFT writes it).
 The adapter "default" goes in the folder itself, any other adapter in a sub-folder of
 its name (PEFT's `save_pretrained` rule).
 
@@ -29,7 +30,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import LoRAConfig
-from .inject import CONFIG_ATTR, apply_lora, lora_layers, modules_to_save_names
+from .dora import apply_lora
+from .inject import CONFIG_ATTR, lora_layers, modules_to_save_names
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -45,8 +47,13 @@ def adapter_tensors(model: nn.Module, adapter_name: str, config: LoRAConfig) -> 
         if adapter_name not in layer.r:
             continue
         for dict_name in layer.adapter_dict_names:
-            obj = getattr(layer, dict_name)[adapter_name]
-            if isinstance(obj, nn.Parameter):
+            container = getattr(layer, dict_name)
+            if adapter_name not in container:  # e.g. no DoRA magnitude for a plain LoRA adapter
+                continue
+            obj = container[adapter_name]
+            if dict_name == "lora_magnitude_vector":  # PEFT's file key has no ".weight" (DoRA)
+                out[f"{path}.{dict_name}"] = obj.weight
+            elif isinstance(obj, nn.Parameter):
                 out[f"{path}.{dict_name}"] = obj
             else:
                 for key, t in obj.state_dict(keep_vars=True).items():
@@ -135,6 +142,8 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, to
         raise ValueError(f"directory: {directory / CONFIG_NAME} must hold a JSON object, got {type(config_dict).__name__}")
     config = LoRAConfig.from_peft_dict(config_dict)
     tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
+    # DoRA magnitudes: PEFT writes `...lora_magnitude_vector`; accept the in-memory `....weight` too
+    tensors = {k[:-len(".weight")] if k.endswith("lora_magnitude_vector.weight") else k: v for k, v in tensors.items()}
     return config, tensors
 
 

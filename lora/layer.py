@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import INIT_MODES, check_alpha, check_choice, check_dropout, check_rank, scaling_for
+from .dora import factored_row_norm, weight_row_sq_norm
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -122,6 +123,8 @@ class LoRALayer(nn.Module):
         for dict_name in self.adapter_dict_names:
             container = getattr(self, dict_name)
             for name in self.r:
+                if name not in container:  # e.g. no DoRA magnitude for a plain LoRA adapter
+                    continue
                 obj = container[name]
                 params = [obj] if isinstance(obj, nn.Parameter) else list(obj.parameters())
                 for p in params:
@@ -134,7 +137,9 @@ class LoRALayer(nn.Module):
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before deleting it")
         for dict_name in self.adapter_dict_names:
-            del getattr(self, dict_name)[adapter_name]
+            container = getattr(self, dict_name)
+            if adapter_name in container:
+                del container[adapter_name]
         for d in (self.r, self.alpha, self.scaling):
             del d[adapter_name]
         if adapter_name in self.active_adapters:
@@ -162,7 +167,7 @@ class LoRALayer(nn.Module):
                 continue
             weight = self.base_weight()
             merged = weight.data.to(torch.float32 if weight.dtype != torch.float64 else weight.dtype)
-            merged = merged + self.get_delta_weight(name).to(merged.dtype)
+            merged = self._apply_merge(name, merged)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"merging adapter {name!r} would write non-finite values into the base weight; "
                                  "nothing was written")
@@ -175,7 +180,15 @@ class LoRALayer(nn.Module):
             name = self.merged_adapters.pop()
             weight = self.base_weight()
             restored = weight.data.to(torch.float32 if weight.dtype != torch.float64 else weight.dtype)
-            weight.data.copy_(restored - self.get_delta_weight(name).to(restored.dtype))
+            weight.data.copy_(self._undo_merge(name, restored))
+
+    def _apply_merge(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight (float32/float64 copy) with adapter `name` merged in: `W + delta`."""
+        return weight + self.get_delta_weight(name).to(weight.dtype)
+
+    def _undo_merge(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """Inverse of `_apply_merge`."""
+        return weight - self.get_delta_weight(name).to(weight.dtype)
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: Iterable[str] | None = None) -> nn.Module:
         """Merge the active (or given) adapters and return the plain base layer."""
@@ -187,6 +200,15 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+class DoraMagnitude(nn.Module):
+    """DoRA's magnitude vector m, one entry per output row (DoRA sec. 4.1); PEFT's
+    `lora_magnitude_vector[name]`, so its file key is `...lora_magnitude_vector.weight`."""
+
+    def __init__(self, magnitude: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
 
 
 class LoRALinear(LoRALayer):
@@ -203,18 +225,24 @@ class LoRALinear(LoRALayer):
         init: "kaiming" (A kaiming-uniform with a = sqrt(5), the nn.Linear default) or
             "gaussian" (A normal with std 1/r); B is zero either way.
         dtype: adapter dtype (default float32, float64 for a float64 base).
+        dora: make the adapter a DoRA adapter (see `enable_dora`).
+
+    DoRA (Liu et al. 2024): `h = (m / ||W + s B A||_row) * (W + s B A) x + b`, with the
+    norm detached from the graph (DoRA sec. 4.3) and computed without forming
+    `W + s B A` (see `lora.dora`). As PEFT, the dropout applies to the low-rank path only:
+    `h = base(x) + (m/n - 1) * (W x) + (m/n) * s * B A dropout(x)`.
 
     Shapes: x (..., in_features) -> (..., out_features); output dtype = input dtype.
     """
 
-    adapter_dict_names = ("lora_A", "lora_B")
+    adapter_dict_names = ("lora_A", "lora_B", "lora_magnitude_vector")
     add_in_place = False  # True: the base layer always returns a fresh tensor (see _can_add_in_place)
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16,
                  dropout: float = 0.0, bias: bool = True, *, base_layer: nn.Module | None = None,
                  adapter_name: str = "default", rslora: bool = False, init: str = "kaiming",
                  fan_in_fan_out: bool = False, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, dora: bool = False):
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -226,12 +254,18 @@ class LoRALinear(LoRALayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
+        self._w_sq_cache: tuple | None = None  # (key, ||W||_row^2): W is frozen, so computed once
+        self._dora_merge_norm: dict[str, torch.Tensor] = {}  # row norms used by merge, for unmerge
         self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, dtype=dtype)
+        if dora:
+            self.enable_dora(adapter_name)
 
     @classmethod
     def from_layer(cls, base_layer: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, *,
                    adapter_name: str = "default", rslora: bool = False, init: str = "kaiming",
-                   fan_in_fan_out: bool | None = None, dtype: torch.dtype | None = None) -> "LoRALinear":
+                   fan_in_fan_out: bool | None = None, dtype: torch.dtype | None = None,
+                   dora: bool = False) -> "LoRALinear":
         """Wrap an existing linear-like layer (nn.Linear, GPT-2 Conv1D, or anything with
         `in_features` / `out_features`). The base weight object is kept, not copied."""
         if isinstance(base_layer, LoRALayer):
@@ -252,7 +286,7 @@ class LoRALinear(LoRALayer):
                             f"got {type(base_layer).__name__}")
         return cls(in_features, out_features, r=r, alpha=alpha, dropout=dropout, base_layer=base_layer,
                    adapter_name=adapter_name, rslora=rslora, init=init,
-                   fan_in_fan_out=bool(fan_in_fan_out), dtype=dtype)
+                   fan_in_fan_out=bool(fan_in_fan_out), dtype=dtype, dora=dora)
 
     from_linear = from_layer
 
@@ -272,12 +306,92 @@ class LoRALinear(LoRALayer):
         nn.init.zeros_(self.lora_B[adapter_name].weight)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """`scaling * B @ A`, shaped like the base weight ((out, in), or (in, out) with fan_in_fan_out)."""
+        """`scaling * B @ A`, shaped like the base weight ((out, in), or (in, out) with fan_in_fan_out).
+
+        For a DoRA adapter this is the low-rank part only; merging also rescales the rows."""
         A = self.lora_A[adapter_name].weight
         B = self.lora_B[adapter_name].weight
         dt = self._compute_dtype(A)
         delta = (B.to(dt) @ A.to(dt)) * self.scaling[adapter_name]  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
+
+    # ----- DoRA -----
+    def is_dora(self, adapter_name: str) -> bool:
+        return adapter_name in self.lora_magnitude_vector
+
+    def _weight_out_in(self) -> torch.Tensor:
+        """The base weight as (out, in), detached (a view, no copy)."""
+        try:
+            weight = self.base_weight()
+        except TypeError as err:
+            raise TypeError(f"DoRA needs a dense float base weight: {err} (4-bit bases are not supported "
+                            "with dora=True; merge_and_unload() the base to a dense layer first)") from None
+        weight = weight.detach()
+        return weight.T if self.fan_in_fan_out else weight
+
+    def enable_dora(self, adapter_name: str) -> None:
+        """Turn adapter `adapter_name` into a DoRA adapter: m = ||W + s B A||_row (DoRA sec. 4.1;
+        `||W||_row` for a fresh adapter, so the layer still equals its base)."""
+        if adapter_name not in self.r:
+            raise ValueError(f"adapter_name {adapter_name!r} not found; this layer has {self.adapter_names}")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before enabling DoRA")
+        weight = self._weight_out_in()
+        A = self.lora_A[adapter_name].weight
+        with torch.no_grad():
+            norm = self.row_norm(adapter_name)
+        self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.to(A.dtype).to(weight.device))
+        self.lora_magnitude_vector[adapter_name].weight.requires_grad_(adapter_name in self.active_adapters)
+
+    def _weight_sq_norm(self) -> torch.Tensor:
+        """Cached `||W||_row^2`; recomputed when W changes (merge, or an in-place edit)."""
+        weight = self._weight_out_in()
+        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
+        if self._w_sq_cache is None or self._w_sq_cache[0] != key:
+            self._w_sq_cache = (key, weight_row_sq_norm(weight))
+        return self._w_sq_cache[1]
+
+    def row_norm(self, adapter_name: str) -> torch.Tensor:
+        """`||W + s B A||_row` (out,), by the expanded square with `||W||_row^2` cached (`lora.dora`)."""
+        A = self.lora_A[adapter_name].weight.detach()
+        B = self.lora_B[adapter_name].weight.detach()
+        return factored_row_norm(self._weight_out_in(), A, B, self.scaling[adapter_name],
+                                 w_sq=self._weight_sq_norm())
+
+    def _apply_merge(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if not self.is_dora(name):
+            return super()._apply_merge(name, weight)
+        self._w_sq_cache = None
+        W = weight.T if self.fan_in_fan_out else weight  # (out, in)
+        delta = self.get_delta_weight(name).to(weight.dtype)
+        combined = W + (delta.T if self.fan_in_fan_out else delta)  # (out, in)
+        norm = torch.linalg.vector_norm(combined, dim=1)  # (out,)
+        self._dora_merge_norm[name] = norm
+        out = (self.lora_magnitude_vector[name].weight.detach().to(weight.dtype) / norm)[:, None] * combined
+        return out.T if self.fan_in_fan_out else out
+
+    def _undo_merge(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if not self.is_dora(name):
+            return super()._undo_merge(name, weight)
+        self._w_sq_cache = None
+        W = weight.T if self.fan_in_fan_out else weight  # (out, in)
+        norm = self._dora_merge_norm.pop(name).to(weight.dtype)
+        delta = self.get_delta_weight(name).to(weight.dtype)
+        delta = delta.T if self.fan_in_fan_out else delta  # (out, in)
+        out = (norm / self.lora_magnitude_vector[name].weight.detach().to(weight.dtype))[:, None] * W - delta
+        return out.T if self.fan_in_fan_out else out
+
+    def _dora_output(self, x2d: torch.Tensor, base_out: torch.Tensor, name: str) -> torch.Tensor:
+        """`(m/n - 1) * W x + (m/n) * s * B A dropout(x)` (N, out), n = row norm detached (DoRA sec. 4.3)."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        with torch.no_grad():
+            norm = self.row_norm(name)  # (out,)
+        mag = self.lora_magnitude_vector[name].weight
+        scale = mag / norm.to(mag.dtype)  # (out,)
+        bias = getattr(self.base_layer, "bias", None)
+        wx = base_out if bias is None else base_out - bias  # (N, out): W x without the bias
+        lora = B(A(self.lora_dropout[name](x2d.to(A.weight.dtype)))) * self.scaling[name]  # (N, out)
+        return (scale - 1) * wx.to(scale.dtype) + scale * lora
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disabled and self.merged:
@@ -286,6 +400,16 @@ class LoRALinear(LoRALayer):
             return self.base_layer(x, *args, **kwargs)
         x2d = x.reshape(-1, x.shape[-1])  # (N, in): 2-D, so the output can be updated without views
         result = self.base_layer(x2d, *args, **kwargs)  # (N, out)
+        if any(self.is_dora(name) for name in self.active_adapters):
+            base_out = result
+            for name in self.active_adapters:
+                if self.is_dora(name):
+                    result = result + self._dora_output(x2d, base_out, name).to(result.dtype)
+                else:
+                    A, B = self.lora_A[name], self.lora_B[name]
+                    h = A(self.lora_dropout[name](x2d.to(A.weight.dtype))) * self.scaling[name]  # (N, r)
+                    result = result + B(h).to(result.dtype)
+            return result.view(*x.shape[:-1], result.shape[-1])  # (..., out)
         for name in self.active_adapters:
             A, B = self.lora_A[name], self.lora_B[name]
             # Scale the thin (N, r) tensor rather than the (N, out) one: same math, less traffic.
