@@ -174,7 +174,8 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None,
     idx = (((v + 1.0) * 0.5) * (_LUT_BINS - 1) + 0.5).to(torch.int64)  # truncation, as C's cast
     q = lut[idx]
     q = torch.where((absmax == 0).unsqueeze(1), torch.zeros_like(q), q)
-    return q.view(-1)[:n], absmax
+    q = q.view(-1)  # (nblocks * blocksize,)
+    return (q[:n].clone() if q.numel() > n else q), absmax  # own storage of exactly n bytes
 
 
 def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None = None,
