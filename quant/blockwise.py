@@ -72,6 +72,9 @@ def _check_finite(absmax: torch.Tensor) -> None:
 def _single_threaded():
     """Run small CPU ops on one thread: on a loaded machine a parallel op's thread barrier
     costs milliseconds, more than the work on a few hundred thousand elements."""
+    if torch.compiler.is_compiling():  # traced code has no thread count to change
+        yield
+        return
     threads = torch.get_num_threads()
     if threads > 1:
         torch.set_num_threads(1)
@@ -90,11 +93,11 @@ def _for_chunks(step: Callable[[int, int], None], full: int, blocksize: int, dev
     torch threads the chunks run on T Python threads with single-threaded torch ops
     (the ops release the GIL): this avoids one thread barrier per op per chunk, which on
     a loaded machine costs more than the work. The global thread count is restored after.
-    On other devices the whole range is one step.
+    On other devices, and under torch.compile, the whole range is one step.
     """
     if full == 0:
         return
-    if device.type != "cpu":
+    if device.type != "cpu" or torch.compiler.is_compiling():  # one step; the compiler fuses it
         step(0, full)
         return
     chunk = max(blocksize, CHUNK // blocksize * blocksize)

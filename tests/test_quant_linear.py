@@ -136,3 +136,13 @@ def test_any_quant_type_and_packed_layout():
         packed, state = quantize_4bit(w, quant_type=qt)
         assert torch.equal(layer.weight_packed, packed)
         assert torch.equal(layer.dequantize(), dequantize_4bit(packed, state))
+
+
+def test_compiles_as_one_graph():
+    layer = LinearNF4.from_linear(make_linear(64, 24), compute_dtype=torch.float32)
+    x = torch.randn(3, 64, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)  # no graph break
+    y = compiled(x)
+    torch.testing.assert_close(y, layer(x), atol=0, rtol=0)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
