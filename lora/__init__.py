@@ -1,9 +1,11 @@
 """LoRA and friends in pure PyTorch."""
+from .adapters import Adapter, AdapterConfig, add_adapters, remove_adapters
+from .combine import combine_adapters
 from .config import LoRAConfig
+from .dora import apply_lora  # inject.apply_lora, plus DoRA when config.dora
 from .files import load_adapter, read_adapter, save_adapter
 from .inject import (
     LORA_LAYER_TYPES,
-    apply_lora,
     delete_adapter,
     disable_adapters,
     lora_layers,
@@ -15,13 +17,14 @@ from .inject import (
     trainable_parameters,
     unload,
 )
-from .layer import LoRAEmbedding, LoRALayer, LoRALinear
-from .dora import apply_lora  # inject.apply_lora plus DoRA (config.dora)
+from .layer import DoraMagnitude, LoRAEmbedding, LoRALayer, LoRALinear
+from .prompt_tuning import PromptTunedModel, PromptTuning, add_prompt_tuning
 from .qlora import QLoRALinear
 
 __all__ = [
-    "LORA_LAYER_TYPES", "LoRAConfig", "LoRAEmbedding", "LoRALayer", "LoRALinear", "apply_lora",
-    "delete_adapter", "disable_adapters", "load_adapter", "lora_layers", "mark_only_lora_as_trainable",
-    "merge_and_unload", "print_trainable_parameters", "QLoRALinear", "read_adapter", "register_lora_layer",
-    "save_adapter", "set_adapter", "trainable_parameters", "unload",
+    "Adapter", "AdapterConfig", "DoraMagnitude", "LORA_LAYER_TYPES", "LoRAConfig", "LoRAEmbedding", "LoRALayer",
+    "LoRALinear", "PromptTunedModel", "PromptTuning", "QLoRALinear", "add_adapters", "add_prompt_tuning",
+    "apply_lora", "combine_adapters", "delete_adapter", "disable_adapters", "load_adapter", "lora_layers",
+    "mark_only_lora_as_trainable", "merge_and_unload", "print_trainable_parameters", "read_adapter",
+    "register_lora_layer", "remove_adapters", "save_adapter", "set_adapter", "trainable_parameters", "unload",
 ]

@@ -71,7 +71,8 @@ def apply_lora(model, config, adapter_name: str = "default", dtype: torch.dtype 
     raise ValueError before the model is touched. Arguments and return as `inject.apply_lora`.
     """
     from .config import LoRAConfig
-    from .inject import apply_lora as inject_apply_lora, resolve_targets
+    from .inject import apply_lora as inject_apply_lora
+    from .inject import resolve_targets
     from .layer import LoRALayer, LoRALinear
 
     if not isinstance(config, LoRAConfig) or not config.dora:

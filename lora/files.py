@@ -29,9 +29,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .adapters import BOTTLENECK_ATTR, AdapterConfig, adapter_modules, add_adapters, remove_adapters
 from .config import LoRAConfig
 from .dora import apply_lora
 from .inject import CONFIG_ATTR, lora_layers, modules_to_save_names
+from .prompt_tuning import PromptTuning, prompt_config
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -86,14 +88,58 @@ def _adapter_dir(directory: Path, adapter_name: str) -> Path:
     return directory if adapter_name == "default" else directory / adapter_name
 
 
+def bottleneck_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The live tensors of the bottleneck adapters, by file key (`<path>.adapter.down.weight`, ...)."""
+    return {f"{path}.adapter.{key}": t for path, adapter in adapter_modules(model).items()
+            for key, t in adapter.state_dict(keep_vars=True).items()}
+
+
+def find_prompt(model: nn.Module) -> PromptTuning | None:
+    """The `PromptTuning` of a model (itself, or its only PromptTuning submodule)."""
+    found = [m for m in model.modules() if isinstance(m, PromptTuning)]
+    if len(found) > 1:
+        raise ValueError(f"model has {len(found)} PromptTuning modules; save or load them one at a time")
+    return found[0] if found else None
+
+
+def _all_configs(model: nn.Module) -> dict:
+    """{adapter name: LoRAConfig or AdapterConfig} of every adapter on the model."""
+    configs = dict(getattr(model, CONFIG_ATTR, None) or {})
+    bottleneck = getattr(model, BOTTLENECK_ATTR, None) or {}
+    clash = sorted(set(configs) & set(bottleneck))
+    if clash:
+        raise ValueError(f"adapter names {clash} are used by both LoRA and bottleneck adapters; "
+                         "their files would overwrite each other (use another adapter_name)")
+    return {**configs, **bottleneck}
+
+
+def _write_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """Weights then config, each atomically, with the crash-safety metadata (module docstring)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
+    config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    old_config = folder / CONFIG_NAME
+    metadata = {"format": "pt", META_CONFIG: config_text,
+                META_REPLACES: _sha256(old_config.read_bytes()) if old_config.is_file() else ""}
+    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str] | None = None) -> list[Path]:
     """Write each adapter's `adapter_config.json` and `adapter_model.safetensors` (atomically).
 
+    LoRA / DoRA adapters and bottleneck adapters (`add_adapters`) are saved per adapter
+    name; a model with a `PromptTuning` is saved as PEFT's PROMPT_TUNING (one folder).
     Returns the folders written ("default" in `directory`, others in `directory/<name>`).
     """
-    configs: dict[str, LoRAConfig] = getattr(model, CONFIG_ATTR, None) or {}
+    prompt = find_prompt(model)
+    if prompt is not None:
+        _write_folder(Path(directory), {"prompt_embeddings": prompt.prompt_embeddings},
+                      prompt_config(prompt, getattr(model, "model", model)))
+        return [Path(directory)]
+    configs = _all_configs(model)
     if not configs:
-        raise ValueError("model has no LoRA adapters to save (call apply_lora or load_adapter first)")
+        raise ValueError("model has no adapters to save (call apply_lora, add_adapters or load_adapter first)")
     names = list(configs) if adapter_names is None else list(adapter_names)
     unknown = [n for n in names if n not in configs]
     if unknown:
@@ -101,22 +147,18 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_names: 
     written = []
     for name in names:
         folder = _adapter_dir(Path(directory), name)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {PREFIX + k: t.detach().to("cpu").contiguous().clone()
-                   for k, t in adapter_tensors(model, name, configs[name]).items()}
-        config_text = json.dumps(configs[name].to_peft_dict(), indent=2, sort_keys=True)
-        config_text += "\n"
-        old_config = folder / CONFIG_NAME
-        metadata = {"format": "pt", META_CONFIG: config_text,
-                    META_REPLACES: _sha256(old_config.read_bytes()) if old_config.is_file() else ""}
-        _atomic_write(folder / WEIGHTS_NAME, lambda tmp, t=tensors, m=metadata: save_file(t, tmp, metadata=m))
-        _atomic_write(folder / CONFIG_NAME, lambda tmp, s=config_text: Path(tmp).write_text(s))
+        config = configs[name]
+        live = bottleneck_tensors(model) if isinstance(config, AdapterConfig) else adapter_tensors(model, name, config)
+        _write_folder(folder, {PREFIX + k: t for k, t in live.items()}, config.to_peft_dict())
         written.append(folder)
     return written
 
 
-def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
-    """Read one adapter folder: (config, tensors by file key without PREFIX)."""
+def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig | AdapterConfig | dict, dict[str, torch.Tensor]]:
+    """Read one adapter folder: (config, tensors by file key without PREFIX).
+
+    The config is a `LoRAConfig` (peft_type LORA), an `AdapterConfig` (BOTTLENECK) or, for
+    PROMPT_TUNING, the JSON dict itself."""
     directory = Path(directory)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (directory / name).is_file():
@@ -140,7 +182,13 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig, dict[str, to
         raise ValueError(f"directory: {directory / CONFIG_NAME} is not valid JSON: {err}") from err
     if not isinstance(config_dict, dict):
         raise ValueError(f"directory: {directory / CONFIG_NAME} must hold a JSON object, got {type(config_dict).__name__}")
-    config = LoRAConfig.from_peft_dict(config_dict)
+    kind = config_dict.get("peft_type", "LORA")
+    if kind == "BOTTLENECK":
+        config = AdapterConfig.from_peft_dict(config_dict)
+    elif kind == "PROMPT_TUNING":
+        config = config_dict
+    else:
+        config = LoRAConfig.from_peft_dict(config_dict)
     tensors = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in raw.items()}
     # DoRA magnitudes: PEFT writes `...lora_magnitude_vector`; accept the in-memory `....weight` too
     tensors = {k[:-len(".weight")] if k.endswith("lora_magnitude_vector.weight") else k: v for k, v in tensors.items()}
@@ -200,10 +248,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     with the file's config); then the whole model is frozen unless `is_trainable`. Keys and shapes are checked before anything is copied; on
     any mismatch a ValueError names the keys and the model is left as it was.
 
+    Bottleneck-adapter folders go through `add_adapters` the same way; a PROMPT_TUNING
+    folder needs a model holding a `PromptTuning` of the same size.
+
     Returns the qualified names of the layers that carry the adapter.
     """
     directory = Path(directory)
     config, found = read_adapter(directory)
+    if isinstance(config, dict):
+        return _load_prompt(model, config, found, directory)
+    if isinstance(config, AdapterConfig):
+        return _load_bottleneck(model, config, found, directory, adapter_name, is_trainable)
     snap = _snapshot(model)
     try:
         if adapter_name not in snap["configs"]:
@@ -228,3 +283,42 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
             layer.set_scale(adapter_name, alpha, config.rslora)
             names.append(path)
     return names
+
+
+def _load_bottleneck(model: nn.Module, config: AdapterConfig, found: dict, directory: Path,
+                     adapter_name: str, is_trainable: bool) -> list[str]:
+    existing = getattr(model, BOTTLENECK_ATTR, None) or {}
+    if existing and adapter_name not in existing:
+        raise ValueError(f"model already has bottleneck adapters {sorted(existing)}; one set per model")
+    grad = {id(p): p.requires_grad for p in model.parameters()}
+    added = not existing
+    try:
+        if added:
+            add_adapters(model, config, adapter_name=adapter_name)
+            if not is_trainable:
+                model.requires_grad_(False)
+        expected = bottleneck_tensors(model)
+        _check(expected, found, directory)
+    except BaseException:
+        if added:
+            remove_adapters(model)
+            for p in model.parameters():
+                p.requires_grad_(grad.get(id(p), p.requires_grad))
+        raise
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(found[key])
+    return list(adapter_modules(model))
+
+
+def _load_prompt(model: nn.Module, config: dict, found: dict, directory: Path) -> list[str]:
+    prompt = find_prompt(model)
+    if prompt is None:
+        raise ValueError(f"{directory} holds a PROMPT_TUNING adapter; load it into a model with a PromptTuning "
+                         "(add_prompt_tuning(model, num_virtual_tokens=...))")
+    if int(config.get("num_transformer_submodules") or 1) != 1:
+        raise ValueError("adapter_config.json: num_transformer_submodules must be 1 (decoder-only models)")
+    _check({"prompt_embeddings": prompt.prompt_embeddings}, found, directory)
+    with torch.no_grad():
+        prompt.prompt_embeddings.copy_(found["prompt_embeddings"])
+    return ["prompt_embeddings"]

@@ -203,8 +203,8 @@ def test_dora_refused_on_embeddings_and_4bit():
     with pytest.raises(ValueError, match="dora=True needs linear layers"):
         apply_lora(model, LoRAConfig(target_modules=["0", "1"], dora=True))
     assert isinstance(model[1], nn.Linear)  # nothing was wrapped
-    from quant import LinearNF4
     from lora import QLoRALinear
+    from quant import LinearNF4
     with pytest.raises(TypeError, match="DoRA needs a dense float base weight"):
         QLoRALinear.from_layer(LinearNF4(64, 8)).enable_dora("default")
     with pytest.raises(TypeError, match="dora must be a bool"):

@@ -1,0 +1,205 @@
+"""Bottleneck adapter layers (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP").
+
+`Adapter(x) = x + up(dropout(act(down(x))))`: a small residual MLP inserted after a
+sublayer (Houlsby sec. 2.1 puts one after the attention output and one after the
+feed-forward output of each block). The up-projection starts at zero, so a fresh adapter
+is exactly the identity ("near-identity initialization", Houlsby sec. 2.1).
+
+`add_adapters(model, after=[...])` inserts one after each named sublayer of any
+`nn.Module`: the adapter becomes a child called `adapter` of that sublayer and a
+forward hook applies it to the sublayer's output (the first element when the output is
+a tuple, as Hugging Face attention modules return). The model's own parameter names do
+not change, so its state dict still loads. File layout (see `lora.files`):
+`adapter_config.json` with `"peft_type": "BOTTLENECK"` (this project's own type; PEFT
+has none) and keys `base_model.model.<path>.adapter.down.weight`, `....down.bias`,
+`....up.weight`, `....up.bias` in `adapter_model.safetensors`.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+BOTTLENECK_ATTR = "bottleneck_configs"  # model attribute: {adapter_name: AdapterConfig}
+HOOKS_ATTR = "_bottleneck_hooks"  # model attribute: {module path: hook handle}
+
+
+def _check_positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class Adapter(nn.Module):
+    """`x + up(dropout(act(down(x))))` with `up` zero-initialised (identity at start, Houlsby sec. 2.1).
+
+    Args:
+        d_model: feature size of x (last dimension).
+        bottleneck: hidden size m of the adapter; Houlsby sec. 3.1 sweeps m in {8, 64, 256}.
+        activation: one of "gelu", "relu", "silu", "tanh".
+        dropout: dropout probability after the activation.
+
+    Shapes: x (..., d_model) -> (..., d_model), in x's dtype.
+    """
+
+    def __init__(self, d_model: int, bottleneck: int, activation: str = "gelu", dropout: float = 0.0,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        _check_positive("d_model", d_model)
+        _check_positive("bottleneck", bottleneck)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        self.d_model, self.bottleneck, self.activation = d_model, bottleneck, activation
+        self.down = nn.Linear(d_model, bottleneck, dtype=dtype, device=device)
+        self.act = ACTIVATIONS[activation]()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.up = nn.Linear(bottleneck, d_model, dtype=dtype, device=device)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"adapter input has {x.shape[-1]} features, expected d_model={self.d_model}")
+        h = self.up(self.dropout(self.act(self.down(x.to(self.down.weight.dtype)))))  # (..., d_model)
+        return x + h.to(x.dtype)
+
+
+@dataclass
+class AdapterConfig:
+    """Where bottleneck adapters go and their size."""
+
+    after: list[str] | str  # sublayers to follow: names / suffixes / regexes (list) or one regex (str)
+    bottleneck: int = 64  # adapter hidden size: more capacity, more parameters (Houlsby sec. 3.1: 8..256)
+    activation: str = "gelu"  # nonlinearity between down and up
+    dropout: float = 0.0  # dropout after the activation; regularises small-data runs
+
+    def __post_init__(self):
+        if isinstance(self.after, (tuple, set)):
+            self.after = sorted(self.after)
+        if isinstance(self.after, str):
+            if not self.after:
+                raise ValueError("after must name at least one module, got ''")
+        elif not isinstance(self.after, list) or not self.after or not all(isinstance(a, str) for a in self.after):
+            raise TypeError(f"after must be a non-empty list of module names/patterns or a regex string, "
+                            f"got {self.after!r}")
+        Adapter(1, self.bottleneck, self.activation, self.dropout)  # validates the rest
+
+    def to_peft_dict(self) -> dict:
+        return {"peft_type": "BOTTLENECK", "task_type": None, "base_model_name_or_path": None,
+                "inference_mode": True, **asdict(self)}
+
+    @classmethod
+    def from_peft_dict(cls, d: dict) -> "AdapterConfig":
+        if d.get("peft_type") != "BOTTLENECK":
+            raise ValueError(f"adapter_config.json: peft_type must be 'BOTTLENECK', got {d.get('peft_type')!r}")
+        return cls(after=d.get("after"), bottleneck=d.get("bottleneck", 64),
+                   activation=d.get("activation", "gelu"), dropout=d.get("dropout", 0.0))
+
+
+def _match_one(pattern: str, name: str) -> bool:
+    """An entry matches a module named exactly so, a suffix after a dot, or (as a regex) the whole name."""
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def resolve_after(model: nn.Module, after: list[str] | str) -> list[str]:
+    """Qualified names of the modules `after` selects; ValueError for any entry that matches nothing."""
+    names = [n for n, _ in model.named_modules() if n and not n.endswith(".adapter") and ".adapter." not in n]
+    patterns = [after] if isinstance(after, str) else list(after)
+    chosen: list[str] = []
+    for pattern in patterns:
+        hits = [n for n in names if (re.fullmatch(pattern, n) is not None if isinstance(after, str)
+                                     else _match_one(pattern, n))]
+        if not hits:
+            shown = ", ".join(names[:60]) + (" ..." if len(names) > 60 else "")
+            raise ValueError(f"after: {pattern!r} matched no module of {type(model).__name__}; "
+                             f"module names: [{shown}]")
+        chosen += [h for h in hits if h not in chosen]
+    return [n for n in names if n in chosen]  # model order
+
+
+def output_features(module: nn.Module) -> int:
+    """The feature size of a module's output: its `out_features` / `embedding_dim` /
+    `normalized_shape`, else that of its last linear-like submodule."""
+    for m in [module] + [m for _, m in reversed(list(module.named_modules()))]:
+        for attr in ("out_features", "embedding_dim"):
+            if isinstance(getattr(m, attr, None), int):
+                return getattr(m, attr)
+        shape = getattr(m, "normalized_shape", None)
+        if isinstance(shape, tuple) and len(shape) == 1:
+            return shape[0]
+    raise ValueError(f"cannot infer the output size of {type(module).__name__}; pass d_model=")
+
+
+def _hook(module: nn.Module, inputs, output):
+    if isinstance(output, tuple):  # e.g. (hidden, attention weights): adapt the hidden states only
+        return (module.adapter(output[0]),) + output[1:]
+    return module.adapter(output)
+
+
+def add_adapters(model: nn.Module, after: list[str] | str | AdapterConfig, bottleneck: int = 64,
+                 activation: str = "gelu", dropout: float = 0.0, d_model: int | None = None,
+                 adapter_name: str = "default", dtype: torch.dtype | None = None) -> list[str]:
+    """Insert an `Adapter` after each selected sublayer of `model` (in place) and freeze the rest.
+
+    Args:
+        model: any nn.Module.
+        after: module names / suffixes / regexes, one regex string, or an `AdapterConfig`
+            (which then also gives bottleneck, activation and dropout).
+        bottleneck, activation, dropout: as `Adapter`.
+        d_model: feature size of every selected output; inferred per module when None.
+        adapter_name: the name the adapter files use (one set of bottleneck adapters per model).
+        dtype: adapter dtype (default float32, float64 for a float64 model).
+
+    Returns:
+        The qualified names of the modules that got an adapter.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    config = after if isinstance(after, AdapterConfig) else AdapterConfig(after, bottleneck, activation, dropout)
+    if getattr(model, BOTTLENECK_ATTR, None):
+        raise ValueError("model already has bottleneck adapters; remove_adapters(model) first")
+    names = resolve_after(model, config.after)
+    taken = [n for n in names if "adapter" in dict(model.get_submodule(n).named_children())]
+    if taken:
+        raise ValueError(f"modules {taken} already have a child called 'adapter'")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hooks = {}
+    for name in names:
+        module = model.get_submodule(name)
+        ref = next(iter(module.parameters()), None)
+        dt = dtype or (torch.float64 if ref is not None and ref.dtype == torch.float64 else torch.float32)
+        size = d_model if d_model is not None else output_features(module)
+        module.adapter = Adapter(size, config.bottleneck, config.activation, config.dropout, dtype=dt,
+                                 device=ref.device if ref is not None else None)
+        hooks[name] = module.register_forward_hook(_hook)
+    setattr(model, HOOKS_ATTR, hooks)
+    setattr(model, BOTTLENECK_ATTR, {adapter_name: copy.deepcopy(config)})
+    return names
+
+
+def adapter_modules(model: nn.Module) -> dict[str, Adapter]:
+    """{path of the adapted sublayer: its Adapter}."""
+    return {name: model.get_submodule(name).adapter for name in getattr(model, HOOKS_ATTR, {})}
+
+
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Take every bottleneck adapter out again (hooks and children); the model is as before."""
+    for name, handle in getattr(model, HOOKS_ATTR, {}).items():
+        handle.remove()
+        del model.get_submodule(name).adapter
+    for attr in (HOOKS_ATTR, BOTTLENECK_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
