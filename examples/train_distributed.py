@@ -1,0 +1,230 @@
+"""LoRA / QLoRA training of a tiny Llama on one or several processes (DDP or FSDP2).
+
+Run on one process, or launch the same script with `torchrun`:
+
+    python examples/train_distributed.py --out dist_out                      # one process
+    torchrun --nproc_per_node=2 examples/train_distributed.py --out dist_out  # 2 CPU processes (gloo)
+    torchrun --nproc_per_node=8 examples/train_distributed.py --out dist_out  # 8 GPUs (nccl)
+
+Every rank builds the same seeded model and the same global batch, and takes its own
+rows of it; DDP averages the gradients, so N processes with the global batch B train
+exactly what one process with B trains (up to float summation order). Only trainable
+parameters get gradients, so DDP all-reduces the adapters alone; a communication hook
+counts the bytes. `--modes fsdp` shards the model with FSDP2 (`fully_shard`) instead.
+
+Output (rank 0): `<out>/<method>-<mode>/` with the adapter files, and
+`<out>/<method>-<mode>.json` with the losses and the counted bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama import Llama, LlamaConfig  # noqa: E402
+
+import lora.qlora  # noqa: E402,F401  (registers QLoRALinear as the LoRA wrapper of quant.LinearNF4)
+from lora import LoRAConfig, apply_lora, save_adapter, trainable_parameters  # noqa: E402
+from quant import quantize_model  # noqa: E402
+
+BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = ("lora", "qlora")
+MODES = ("ddp", "fsdp")
+
+
+@dataclass
+class TrainConfig:
+    """One training run; every rank must get the same values."""
+
+    method: str = "lora"  # "lora" (fp32 base) or "qlora" (NF4 base, QLoRA sec. 3)
+    mode: str = "ddp"  # "ddp" (replicated model) or "fsdp" (FSDP2 fully_shard); ignored on one process
+    steps: int = 4  # optimizer steps; a handful checks equivalence, hundreds train
+    global_batch: int = 8  # sequences per step over all ranks; must divide by the world size
+    seq_len: int = 16  # tokens per sequence
+    r: int = 4  # LoRA rank (LoRA sec. 4.1)
+    alpha: float = 8.0  # LoRA scaling numerator (LoRA sec. 4.1)
+    lr: float = 1e-2  # AdamW learning rate; LoRA takes larger rates than full fine-tuning
+    seed: int = 0  # model, adapter and data seed: identical on every rank
+
+
+def tiny_config() -> LlamaConfig:
+    """A Llama small enough to train in a second on a CPU core."""
+    return LlamaConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128,
+                       max_seq_len=64)
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    """The seeded tiny Llama with adapters on every block linear (NF4 base for QLoRA)."""
+    torch.manual_seed(cfg.seed)
+    model = Llama(tiny_config())
+    nn.init.normal_(model.model.embed_tokens.weight, std=0.02)  # GPT-2's init; N(0, 1) tied logits start huge
+    if cfg.method == "qlora":
+        quantize_model(model, target_modules=BLOCK_LINEARS, compute_dtype=torch.float32)
+    apply_lora(model, LoRAConfig(r=cfg.r, alpha=cfg.alpha, target_modules=BLOCK_LINEARS), dtype=torch.float32)
+    return model
+
+
+def make_batches(cfg: TrainConfig) -> torch.Tensor:
+    """(steps, global_batch, seq_len + 1) token ids: a learnable pattern (next = 3 * prev + 1 mod V) from random starts."""
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    vocab = tiny_config().vocab_size
+    start = torch.randint(0, vocab, (cfg.steps, cfg.global_batch, 1), generator=g)
+    tokens = [start]
+    for _ in range(cfg.seq_len):
+        tokens.append((3 * tokens[-1] + 1) % vocab)
+    return torch.cat(tokens, dim=-1)  # (steps, global_batch, seq_len + 1)
+
+
+class ByteCounter:
+    """DDP communication hook state: all-reduces each gradient bucket (mean) and counts its bytes."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.bytes = 0
+        self.buckets = 0
+
+    @staticmethod
+    def hook(state, bucket):  # no annotations: DDP compares them to dist.GradBucket, and they are strings here
+        """All-reduce the mean of one `dist.GradBucket`; returns a Future of the reduced buffer."""
+        buf = bucket.buffer()
+        state.bytes += buf.numel() * buf.element_size()
+        state.buckets += 1
+        buf.div_(state.world_size)
+        return dist.all_reduce(buf, async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def wrap(model: nn.Module, cfg: TrainConfig, world_size: int) -> tuple[nn.Module, ByteCounter | None]:
+    """DDP with a byte-counting hook, or FSDP2 over each block then the root."""
+    if world_size == 1:
+        return model, None
+    if cfg.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        device_ids = [torch.cuda.current_device()] if torch.cuda.is_available() else None
+        # No buffer sync before each forward: the frozen NF4 codes are buffers, identical on every rank.
+        sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+            else {"broadcast_buffers": False}
+        ddp = DDP(model, device_ids=device_ids, **sync)
+        counter = ByteCounter(world_size)
+        ddp.register_comm_hook(counter, ByteCounter.hook)
+        return ddp, counter
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    return model, None
+
+
+def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable tensors as plain full tensors (FSDP2 holds DTensor shards; gather them)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.detach()
+            out[name] = (t.full_tensor() if hasattr(t, "full_tensor") else t).cpu()
+    return out
+
+
+def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: str = "cpu") -> tuple[nn.Module, dict]:
+    """Train on this rank's rows of each global batch. Returns (plain model with the trained
+    adapters, metrics) where metrics has the losses and the communicated bytes."""
+    if cfg.global_batch % world_size:
+        raise ValueError(f"global_batch ({cfg.global_batch}) must be divisible by the world size ({world_size})")
+    model = build_model(cfg).to(device)
+    trainable, total = trainable_parameters(model)
+    wrapped, counter = wrap(model, cfg, world_size)
+    opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=cfg.lr)
+    local = cfg.global_batch // world_size
+    losses = []
+    for batch in make_batches(cfg):
+        rows = batch[rank * local:(rank + 1) * local].to(device)  # (local, seq_len + 1)
+        logits = wrapped(rows[:, :-1])  # (local, seq_len, vocab)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))  # (local*seq_len, vocab)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        mean = loss.detach().clone()
+        if world_size > 1:
+            dist.all_reduce(mean)
+            mean /= world_size
+        losses.append(mean.item())
+    state = full_adapter_state(model)
+    plain = build_model(cfg)  # a fresh unsharded copy carries the trained adapters
+    with torch.no_grad():
+        params = dict(plain.named_parameters())
+        for name, t in state.items():
+            params[name].copy_(t)
+    trainable_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    metrics = {"config": asdict(cfg), "world_size": world_size, "losses": losses,
+               "trainable_params": trainable, "all_params": total, "trainable_bytes": trainable_bytes,
+               "allreduce_bytes": counter.bytes if counter else 0, "allreduce_buckets": counter.buckets if counter else 0,
+               "model_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values())}
+    return plain, metrics
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for adapters and metrics")
+    parser.add_argument("--methods", default="lora,qlora", help=f"comma-separated, from {METHODS}")
+    parser.add_argument("--modes", default="ddp", help=f"comma-separated, from {MODES} (several processes only)")
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--global-batch", type=int, default=TrainConfig.global_batch)
+    args = parser.parse_args(argv)
+    methods, modes = args.methods.split(","), args.modes.split(",")
+    for name, values, allowed in (("--methods", methods, METHODS), ("--modes", modes, MODES)):
+        if not set(values) <= set(allowed):
+            parser.error(f"{name} must be a comma-separated subset of {allowed}, got {values}")
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = "cpu"
+    if world_size > 1:
+        if torch.cuda.is_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local_rank)
+            device = f"cuda:{local_rank}"
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    else:
+        modes = ["single"]
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        for method in methods:
+            for mode in modes:
+                cfg = TrainConfig(method=method, mode=mode if mode != "single" else "ddp",
+                                  steps=args.steps, global_batch=args.global_batch)
+                model, metrics = train(cfg, rank, world_size, device)
+                if rank == 0:
+                    save_adapter(model, args.out / f"{method}-{mode}")
+                    write_json_atomic(args.out / f"{method}-{mode}.json", metrics)
+                    print(f"{method}-{mode}: world {world_size}, loss {metrics['losses'][0]:.4f} -> "
+                          f"{metrics['losses'][-1]:.4f}, all-reduced {metrics['allreduce_bytes']:,d} bytes "
+                          f"({metrics['trainable_bytes']:,d} adapter bytes x {cfg.steps} steps)", flush=True)
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
