@@ -6,7 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora import Adapter, AdapterConfig, add_adapters, load_adapter, read_adapter, remove_adapters, save_adapter
+from lora import (
+    Adapter,
+    AdapterConfig,
+    add_adapters,
+    load_adapter,
+    read_adapter,
+    remove_adapters,
+    save_adapter,
+)
 from lora.reference import assert_close
 
 ACT_REF = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh}
@@ -44,7 +52,7 @@ def test_adapter_matches_reference_with_grads(act, shape, m, dtype):
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).double()
     (out.double() * g).sum().backward()
     (ref * g).sum().backward()
-    for p, rp in zip(params, ref_params):
+    for p, rp in zip(params, ref_params, strict=True):
         assert_close(p.grad, rp.grad, dtype)
 
 
@@ -124,7 +132,7 @@ def test_add_adapters_regex_and_errors():
 def test_adapter_files_round_trip(tmp_path):
     model = _model()
     add_adapters(model, after=["attn", "mlp"], bottleneck=4, activation="silu")
-    for i, (n, m) in enumerate(model.named_modules()):
+    for i, (_n, m) in enumerate(model.named_modules()):
         if isinstance(m, Adapter):
             _randomize(m, seed=i)
     x = torch.randn(2, 6, 12)
