@@ -150,3 +150,49 @@ def test_memory_usage_reports_process():
     x = torch.ones(8 << 20)  # 32 MiB more
     assert memory_usage()["peak_rss"] >= u["rss"]
     del x
+
+
+def test_qlora_estimate_matches_tensors_after_a_step():
+    from quant import quantize_model
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(**TINY))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    est = estimate(model, "qlora", r=4, target_modules=targets, weight_dtype="fp32",
+                   batch_size=2, seq_len=24)
+    quantize_model(model, target_modules=targets, compute_dtype=torch.float32)
+    apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=targets))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    saved = _train_step(model, torch.randint(0, TINY["vocab_size"], (2, 24)), opt)
+    real = tensor_bytes(model, opt)
+    assert est.weights == real["weights"]
+    assert est.gradients == real["gradients"]
+    assert est.optimizer_states == real["optimizer_states"]
+    assert abs(est.activations - saved) <= 0.15 * saved, (est.activations, saved)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_estimate_total_against_cuda_peak(method):
+    """On a GPU the estimate's total is compared with torch.cuda.max_memory_allocated.
+    The peak also holds short-lived temporaries (the logits' gradient, matmul outputs),
+    so the total is checked within 25%."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32000, dim=1024, n_layers=8, n_heads=16, n_kv_heads=4,
+                      ffn_dim=2816, max_seq_len=1024)
+    model = Llama(cfg).cuda()
+    est = estimate(model, method, r=16, target_modules="all-linear", weight_dtype="fp32",
+                   batch_size=4, seq_len=512)
+    if method == "lora":
+        apply_lora(model, LoRAConfig(r=16, alpha=32, target_modules="all-linear"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    idx = torch.randint(0, cfg.vocab_size, (4, 512), device="cuda")
+    for _ in range(2):  # the optimizer states exist from the first step on
+        torch.cuda.reset_peak_memory_stats()
+        opt.zero_grad(set_to_none=False)
+        F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+        opt.step()
+    peak = torch.cuda.max_memory_allocated()
+    print(f"{method}: estimate {est.total / 2**20:.0f} MiB, CUDA peak {peak / 2**20:.0f} MiB")
+    assert abs(est.total - peak) <= 0.25 * peak
