@@ -19,6 +19,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+import kernels  # noqa: F401  (registers the Triton path of LinearNF4 for CUDA inputs)
 from quant import LinearNF4
 
 from .inject import register_lora_layer

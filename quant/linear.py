@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,29 @@ def _matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     """
     weight = dequantize_4bit(packed, state, dtype=x.dtype)  # (out, in), freed after the call
     return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+# A faster implementation of a 4-bit layer's call, `fn(x, packed, state, bias) -> y`, that
+# handles its own backward and falls back to `NF4LinearFunction` for inputs it does not
+# take. `kernels` registers its Triton `nf4_linear` here when it is imported (quant never
+# imports kernels; DESIGN.md). None: pure PyTorch.
+_fast_linear: Callable | None = None
+
+
+def register_fast_linear(fn: Callable | None) -> None:
+    """Route every `LinearNF4` call through `fn(x, packed, state, bias)` (None: PyTorch only)."""
+    global _fast_linear
+    if fn is not None and not callable(fn):
+        raise TypeError(f"fn must be callable or None, got {type(fn).__name__}")
+    _fast_linear = fn
+
+
+def linear_nf4(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The differentiable 4-bit layer call: the registered fast path, else `NF4LinearFunction`."""
+    if _fast_linear is not None:
+        return _fast_linear(x, packed, state, bias)
+    return NF4LinearFunction.apply(x, packed, state, bias)
 
 
 class NF4LinearFunction(torch.autograd.Function):
@@ -175,7 +198,7 @@ class LinearNF4(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension in_features={self.in_features}, got {tuple(x.shape)}")
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        y = NF4LinearFunction.apply(x.to(self.compute_dtype), self.weight_packed, self.quant_state, bias)
+        y = linear_nf4(x.to(self.compute_dtype), self.weight_packed, self.quant_state, bias)
         return y.to(x.dtype)
 
     def _apply(self, fn, recurse=True):

@@ -1,0 +1,44 @@
+"""LinearNF4 and QLoRALinear run the Triton kernels when asked (on CUDA by default; here
+forced with LORALAB_KERNELS=triton under the interpreter) and PyTorch otherwise, with the
+same numbers."""
+import pytest
+import torch
+
+import kernels
+import kernels.autograd
+import quant.linear
+from lora import LoRAConfig, QLoRALinear, apply_lora
+from quant import LinearNF4
+
+
+def test_importing_kernels_registers_the_fast_path():
+    assert quant.linear._fast_linear is kernels.nf4_linear
+
+
+def _run(layer, x, backend, monkeypatch):
+    monkeypatch.setenv(kernels.ENV_VAR, backend)
+    x = x.clone().requires_grad_(True)
+    y = layer(x)
+    y.square().sum().backward()
+    return y, x.grad
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["LinearNF4", "QLoRALinear"])
+def test_layers_dispatch_to_triton_and_match_torch(wrap, monkeypatch):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 40, bias=True)
+    layer = LinearNF4.from_linear(linear, compute_dtype=torch.float32)
+    if wrap:
+        model = torch.nn.Sequential(layer)
+        apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["0"]))
+        layer = model[0]
+        assert isinstance(layer, QLoRALinear)
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    x = torch.randn(3, 128)
+    y_t, g_t = _run(layer, x, "torch", monkeypatch)
+    y_k, g_k = _run(layer, x, "triton", monkeypatch)
+    base_y = y_k if not wrap else layer.base_layer(x.clone().requires_grad_(True))
+    assert base_y.grad_fn._forward_cls is kernels.autograd.NF4LinearFunction
+    assert y_t.grad_fn is not None
+    torch.testing.assert_close(y_k, y_t, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(g_k, g_t, atol=1e-4, rtol=1e-4)
