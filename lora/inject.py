@@ -7,6 +7,7 @@ each targeted layer is replaced by its LoRA wrapper, chosen from `LORA_LAYER_TYP
 from __future__ import annotations
 
 import copy
+import inspect
 import re
 from contextlib import contextmanager
 from typing import Iterable, Iterator
@@ -258,9 +259,20 @@ def disable_adapters(model: nn.Module):
 
 def merge_and_unload(model: nn.Module, **kwargs) -> nn.Module:
     """Replace every LoRA layer by `layer.merge_and_unload(**kwargs)` (a plain layer with the
-    adapters merged into its weight). Returns the same model object, now LoRA-free."""
-    for name, layer in list(lora_layers(model)):
-        _set_submodule(model, name, layer.merge_and_unload(**kwargs))
+    adapters merged into its weight). Returns the same model object, now LoRA-free.
+
+    Each layer gets the keyword arguments its own `merge_and_unload` takes, so
+    `requantize=True` reaches the 4-bit layers of a model that also has plain ones; an
+    argument that no layer takes is an error.
+    """
+    layers = list(lora_layers(model))
+    accepted = {id(layer): set(inspect.signature(layer.merge_and_unload).parameters) for _, layer in layers}
+    unknown = set(kwargs) - set().union(*accepted.values()) if layers else set(kwargs)
+    if unknown:
+        raise TypeError(f"merge_and_unload got keyword arguments no LoRA layer takes: {sorted(unknown)}")
+    for name, layer in layers:
+        own = {k: v for k, v in kwargs.items() if k in accepted[id(layer)]}
+        _set_submodule(model, name, layer.merge_and_unload(**own))
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
     return model

@@ -42,3 +42,16 @@ def test_layers_dispatch_to_triton_and_match_torch(wrap, monkeypatch):
     assert y_t.grad_fn is not None
     torch.testing.assert_close(y_k, y_t, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(g_k, g_t, atol=1e-4, rtol=1e-4)
+
+
+def test_merge_and_unload_passes_each_layer_its_own_arguments():
+    """`requantize=True` reaches the 4-bit layers; plain LoRA layers beside them merge as usual."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    model[2] = LinearNF4.from_linear(model[2], compute_dtype=torch.float32)
+    apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=["0", "2"]))
+    from lora import merge_and_unload
+    with pytest.raises(TypeError, match="no LoRA layer takes"):
+        merge_and_unload(model, requantise=True)
+    merge_and_unload(model, requantize=True)
+    assert type(model[0]) is torch.nn.Linear and isinstance(model[2], LinearNF4)
