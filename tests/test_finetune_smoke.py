@@ -45,7 +45,7 @@ def small_cfg(tmp_path, tiny_gguf, **kw):
 
 
 def test_qlora_run_saves_reloads_and_scores_the_same(tmp_path, tiny_gguf):
-    res = finetune.run(small_cfg(tmp_path, tiny_gguf), load=lambda p: load_llama(p))
+    res = finetune.run(small_cfg(tmp_path, tiny_gguf))
     assert len(res["losses"]) == 3 and all(math.isfinite(x) for x in res["losses"])
     assert res["acc_reloaded"] == res["acc"] and res["same_predictions_reloaded"] == 3
     assert 0 < res["trainable_params"] < res["all_params"]
@@ -119,3 +119,18 @@ def test_compare_table_chart_and_rows(tmp_path, capsys):
     cfg = finetune.FinetuneConfig(out=str(tmp_path), steps=7)
     cmd = worker_command(cfg, "lora", tmp_path / "lora.json")
     assert cmd[cmd.index("--steps") + 1] == "7" and "--no-reload" in cmd and "--lr" not in cmd
+
+
+def test_quantizing_while_loading_equals_quantizing_after(tiny_gguf):
+    from methods import load_model, quantize_blocks
+
+    direct, _ = load_model("qlora", tiny_gguf)
+    after, _ = load_llama(tiny_gguf)
+    quantize_blocks(after, torch.float32)
+    sd_direct, sd_after = direct.state_dict(), after.state_dict()
+    assert sd_direct.keys() == sd_after.keys()
+    assert any(k.endswith("weight_packed") for k in sd_direct)
+    for k in sd_direct:
+        assert torch.equal(sd_direct[k], sd_after[k]), k
+    idx = torch.tensor([[5, 9, 2, 6, 5, 3]])
+    torch.testing.assert_close(direct(idx), after(idx), atol=0, rtol=0)
