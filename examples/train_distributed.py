@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -149,7 +150,9 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: str = "c
     opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=cfg.lr)
     local = cfg.global_batch // world_size
     losses = []
-    for batch in make_batches(cfg):
+    bar = tqdm(make_batches(cfg), desc=f"{cfg.method}-{cfg.mode if world_size > 1 else 'single'}",
+               disable=rank != 0, leave=False)
+    for batch in bar:
         rows = batch[rank * local:(rank + 1) * local].to(device)  # (local, seq_len + 1)
         logits = wrapped(rows[:, :-1])  # (local, seq_len, vocab)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))  # (local*seq_len, vocab)
@@ -161,6 +164,7 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: str = "c
             dist.all_reduce(mean)
             mean /= world_size
         losses.append(mean.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
     state = full_adapter_state(model)
     plain = build_model(cfg)  # a fresh unsharded copy carries the trained adapters
     with torch.no_grad():
