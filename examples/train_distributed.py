@@ -10,7 +10,9 @@ Every rank builds the same seeded model and the same global batch, and takes its
 rows of it; DDP averages the gradients, so N processes with the global batch B train
 exactly what one process with B trains (up to float summation order). Only trainable
 parameters get gradients, so DDP all-reduces the adapters alone; a communication hook
-counts the bytes. `--modes fsdp` shards the model with FSDP2 (`fully_shard`) instead.
+counts the bytes. `--modes fsdp` shards the model with FSDP2 (`fully_shard`) instead; it
+all-gathers the frozen base for each forward/backward but reduce-scatters adapter
+gradients only (both counted).
 
 Output (rank 0): `<out>/<method>-<mode>/` with the adapter files, and
 `<out>/<method>-<mode>.json` with the losses and the counted bytes.
@@ -106,6 +108,41 @@ class ByteCounter:
         return dist.all_reduce(buf, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
+class CollectiveCounter:
+    """Counts the full (unsharded) bytes of FSDP's all-gathers and reduce-scatters while active.
+
+    FSDP2 calls `dist.all_gather_single` / `dist.reduce_scatter_single` (torch >= 2.12) or the
+    `*_into_tensor` / `*_tensor` names (older); whichever exist are wrapped."""
+
+    NAMES = {"all_gather_single": "all_gather", "all_gather_into_tensor": "all_gather",
+             "reduce_scatter_single": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter"}
+
+    def __init__(self):
+        self.bytes = {"all_gather": 0, "reduce_scatter": 0}
+        self._saved = {}
+
+    def __enter__(self):
+        for name, kind in self.NAMES.items():
+            original = getattr(dist, name, None)
+            if original is None:
+                continue
+            self._saved[name] = original
+
+            def counted(*args, _original=original, _kind=kind, **kwargs):
+                full = args[0] if _kind == "all_gather" else (args[1] if len(args) > 1 else kwargs["input"])
+                if "output_tensor" in kwargs and _kind == "all_gather":
+                    full = kwargs["output_tensor"]
+                self.bytes[_kind] += full.numel() * full.element_size()
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(dist, name, original)
+
+
 def wrap(model: nn.Module, cfg: TrainConfig, world_size: int) -> tuple[nn.Module, ByteCounter | None]:
     """DDP with a byte-counting hook, or FSDP2 over each block then the root."""
     if world_size == 1:
@@ -150,6 +187,9 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: str = "c
     opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=cfg.lr)
     local = cfg.global_batch // world_size
     losses = []
+    collectives = CollectiveCounter()
+    if world_size > 1 and cfg.mode == "fsdp":
+        collectives.__enter__()
     bar = tqdm(make_batches(cfg), desc=f"{cfg.method}-{cfg.mode if world_size > 1 else 'single'}",
                disable=rank != 0, leave=False)
     for batch in bar:
@@ -165,6 +205,7 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: str = "c
             mean /= world_size
         losses.append(mean.item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    collectives.__exit__(None, None, None)
     state = full_adapter_state(model)
     plain = build_model(cfg)  # a fresh unsharded copy carries the trained adapters
     with torch.no_grad():
@@ -175,6 +216,8 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: str = "c
     metrics = {"config": asdict(cfg), "world_size": world_size, "losses": losses,
                "trainable_params": trainable, "all_params": total, "trainable_bytes": trainable_bytes,
                "allreduce_bytes": counter.bytes if counter else 0, "allreduce_buckets": counter.buckets if counter else 0,
+               "fsdp_all_gather_bytes": collectives.bytes["all_gather"],
+               "fsdp_reduce_scatter_bytes": collectives.bytes["reduce_scatter"],
                "model_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values())}
     return plain, metrics
 
@@ -223,7 +266,9 @@ def main(argv=None) -> int:
                     write_json_atomic(args.out / f"{method}-{mode}.json", metrics)
                     print(f"{method}-{mode}: world {world_size}, loss {metrics['losses'][0]:.4f} -> "
                           f"{metrics['losses'][-1]:.4f}, all-reduced {metrics['allreduce_bytes']:,d} bytes "
-                          f"({metrics['trainable_bytes']:,d} adapter bytes x {cfg.steps} steps)", flush=True)
+                          f"({metrics['trainable_bytes']:,d} adapter bytes x {cfg.steps} steps); FSDP all-gathered "
+                          f"{metrics['fsdp_all_gather_bytes']:,d}, reduce-scattered {metrics['fsdp_reduce_scatter_bytes']:,d}",
+                          flush=True)
     finally:
         if world_size > 1:
             dist.destroy_process_group()

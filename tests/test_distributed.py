@@ -99,3 +99,15 @@ def test_ddp_communicates_adapter_gradients_only(torchrun_out, single_process, m
     assert metrics["trainable_params"] * 4 == adapter_bytes < metrics["all_params"] * 4
     print(f"{method}: {metrics['allreduce_bytes']:,d} bytes all-reduced in {STEPS} steps "
           f"({metrics['allreduce_buckets']} buckets); model state {metrics['model_bytes']:,d} bytes")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fsdp_reduces_adapter_gradients_only(torchrun_out, single_process, method):
+    """FSDP2 gathers the (frozen) base to compute, but reduce-scatters adapter gradients only."""
+    metrics = json.loads((torchrun_out / f"{method}-fsdp.json").read_text())
+    reference, _ = single_process[method]
+    adapter_bytes = sum(t.numel() * t.element_size() for t in reference.values())
+    assert metrics["fsdp_reduce_scatter_bytes"] == adapter_bytes * STEPS
+    assert metrics["fsdp_all_gather_bytes"] > adapter_bytes * STEPS
+    print(f"{method}-fsdp: all-gathered {metrics['fsdp_all_gather_bytes']:,d} bytes, reduce-scattered "
+          f"{metrics['fsdp_reduce_scatter_bytes']:,d} in {STEPS} steps")
