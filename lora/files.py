@@ -139,7 +139,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_names: 
         return [Path(directory)]
     configs = _all_configs(model)
     if not configs:
-        raise ValueError("model has no adapters to save (call apply_lora, add_adapters or load_adapter first)")
+        raise ValueError("model has no LoRA adapters (nor bottleneck adapters or a prompt) to save; "
+                         "call apply_lora, add_adapters or load_adapter first")
     names = list(configs) if adapter_names is None else list(adapter_names)
     unknown = [n for n in names if n not in configs]
     if unknown:

@@ -229,8 +229,10 @@ class LoRALinear(LoRALayer):
 
     DoRA (Liu et al. 2024): `h = (m / ||W + s B A||_row) * (W + s B A) x + b`, with the
     norm detached from the graph (DoRA sec. 4.3) and computed without forming
-    `W + s B A` (see `lora.dora`). As PEFT, the dropout applies to the low-rank path only:
-    `h = base(x) + (m/n - 1) * (W x) + (m/n) * s * B A dropout(x)`.
+    `W + s B A` (see `lora.dora`). Dropout applies to the low-rank path only:
+    `h = base(x) + (m/n - 1) * (W x) + (m/n) * s * B A dropout(x)` (identical to PEFT
+    without dropout; PEFT in training with dropout > 0 uses `W dropout(x)` in the middle
+    term, which costs a second base matmul).
 
     Shapes: x (..., in_features) -> (..., out_features); output dtype = input dtype.
     """
@@ -314,6 +316,17 @@ class LoRALinear(LoRALayer):
         dt = self._compute_dtype(A)
         delta = (B.to(dt) @ A.to(dt)) * self.scaling[adapter_name]  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
+
+    def add_adapter(self, adapter_name: str = "default", r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                    rslora: bool = False, init: str = "kaiming", dtype: torch.dtype | None = None,
+                    activate: bool | None = None, dora: bool = False) -> None:
+        """As `LoRALayer.add_adapter`; `dora=True` makes it a DoRA adapter (`enable_dora`)."""
+        if dora:
+            self._weight_out_in()  # a base without a float weight fails before anything is added
+        super().add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
+                            dtype=dtype, activate=activate)
+        if dora:
+            self.enable_dora(adapter_name)
 
     # ----- DoRA -----
     def is_dora(self, adapter_name: str) -> bool:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora import PromptTuning, add_prompt_tuning, load_adapter, save_adapter
+from lora import PromptTunedModel, PromptTuning, add_prompt_tuning, load_adapter, save_adapter
 
 VOCAB, DIM = 40, 8
 
@@ -131,3 +131,37 @@ def test_peft_loads_our_prompt_file_with_the_same_logits(tmp_path):
         load_adapter(add_prompt_tuning(_hf_llama(), 4), tmp_path)
     with pytest.raises(ValueError, match="holds a PROMPT_TUNING adapter"):
         load_adapter(_hf_llama(), tmp_path)
+
+
+def test_text_init_prompt_equals_real_prefix_tokens_in_a_hugging_face_model():
+    """Known answer: a prompt initialised from token ids is those tokens' embeddings, so the logits
+    equal the model run on the ids with that prefix (position by position)."""
+    model = _hf_llama()
+    prefix = [5, 17, 2]
+    tuned = add_prompt_tuning(model, 3, init=prefix)
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = tuned(ids).logits
+        want = model(input_ids=torch.cat([torch.tensor(prefix).expand(2, 3), ids], dim=1)).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_in_repo_llama_accepts_the_prompt():
+    import inspect
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    llama = pytest.importorskip("llama")
+    if "inputs_embeds" not in inspect.signature(llama.Llama.forward).parameters:
+        pytest.skip("examples/llama.py: Llama.forward does not accept inputs_embeds= yet")
+    torch.manual_seed(0)
+    model = llama.Llama(llama.LlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                          ffn_dim=64, max_seq_len=64)).eval()
+    prefix = [9, 1, 30, 4]
+    tuned = PromptTunedModel(model, PromptTuning(4, model.model.embed_tokens, prefix))
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        got = tuned(ids)
+        want = model(torch.cat([torch.tensor(prefix).expand(2, 4), ids], dim=1))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
