@@ -101,7 +101,7 @@ def test_sigkill_during_saves_leaves_old_or_new_adapter(tmp_path):
     save_adapter(version_model(0), directory)
     last_done = 0
     rng = random.Random(0)
-    mixed_states = 0
+    mixed_states = finished_saves = 0
     for _ in range(KILLS):
         k0 = last_done + 1
         read_fd, write_fd = os.pipe()
@@ -113,12 +113,13 @@ def test_sigkill_during_saves_leaves_old_or_new_adapter(tmp_path):
             finally:
                 os._exit(1)
         os.close(write_fd)
-        time.sleep(rng.uniform(0.0, 0.03))
+        time.sleep(rng.uniform(0.0, 0.12))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.set_blocking(read_fd, False)
         finished = read_finished(read_fd)
         os.close(read_fd)
+        finished_saves += len(finished)
         done = finished[-1] if finished else last_done
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -131,7 +132,9 @@ def test_sigkill_during_saves_leaves_old_or_new_adapter(tmp_path):
     # leftover temp files (ours end in .tmp; safetensors' own start with .tmp) are the only trace of the kills
     assert sorted(p.name for p in directory.iterdir() if ".tmp" not in p.name) == [
         "adapter_config.json", "adapter_model.safetensors"]
-    print(f"{KILLS} kills, {mixed_states} left new weights beside the old config, all loaded")
+    assert finished_saves >= 10, "the children hardly saved: the kills did not hit saves in progress"
+    print(f"{KILLS} kills, {finished_saves} saves finished, {mixed_states} kills left new weights "
+          "beside the old config; all loaded")
 
 
 def test_interrupted_save_state_reads_as_new_version(tmp_path):
