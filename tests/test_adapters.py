@@ -169,3 +169,26 @@ def test_adapters_in_a_hugging_face_model():
     model(input_ids=ids, labels=ids).loss.backward()
     assert model.model.layers[0].mlp.adapter.down.weight.grad is not None
     assert model.model.embed_tokens.weight.grad is None
+
+
+def test_lora_and_bottleneck_adapters_save_side_by_side(tmp_path):
+    from lora import LoRAConfig, apply_lora
+
+    model = _model()
+    apply_lora(model, LoRAConfig(r=2, target_modules=["qkv"]), adapter_name="lo")
+    add_adapters(model, after=["mlp"], bottleneck=3)
+    for i, m in enumerate(model.modules()):
+        if isinstance(m, Adapter):
+            _randomize(m, seed=i)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    x = torch.randn(1, 4, 12)
+    expected = model(x).detach()
+    written = save_adapter(model, tmp_path)
+    assert sorted(p.name for p in written) == sorted([tmp_path.name, "lo"])
+    fresh = _model()
+    load_adapter(fresh, tmp_path / "lo", adapter_name="lo")
+    load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(fresh(x), expected, atol=1e-6, rtol=1e-6)

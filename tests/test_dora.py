@@ -209,3 +209,30 @@ def test_dora_refused_on_embeddings_and_4bit():
         QLoRALinear.from_layer(LinearNF4(64, 8)).enable_dora("default")
     with pytest.raises(TypeError, match="dora must be a bool"):
         LoRAConfig(target_modules=["1"], dora="yes")
+
+
+def test_dora_next_to_a_plain_adapter_and_weight_edits():
+    torch.manual_seed(6)
+    layer = LoRALinear(10, 7, r=2, alpha=4)
+    layer.add_adapter("d", r=3, alpha=3, dora=True, activate=True)
+    assert layer.active_adapters == ["default", "d"] and layer.is_dora("d") and not layer.is_dora("default")
+    _randomize(layer, "default", seed=7)
+    _randomize(layer, "d", seed=8)
+    x = torch.randn(4, 10)
+    W, b = layer.base_layer.weight, layer.base_layer.bias
+    A1, B1 = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    A2, B2 = layer.lora_A["d"].weight, layer.lora_B["d"].weight
+    m = layer.lora_magnitude_vector["d"].weight
+    # each adapter adds its own update to the base output (PEFT's rule for several active adapters)
+    plain = layer.scaling["default"] * (x.double() @ (B1.double() @ A1.double()).T)
+    dora = dora_linear_ref(x, W, None, A2, B2, m, layer.scaling["d"])
+    assert_close(layer(x), x.double() @ W.double().T + b.double() + plain + (dora - x.double() @ W.double().T),
+                 torch.float32)
+    with torch.no_grad():  # an in-place edit of the frozen weight invalidates the cached ||W||^2
+        W.mul_(2.0)
+    torch.testing.assert_close(layer.row_norm("d"), dense_row_norm(W, A2, B2, layer.scaling["d"]),
+                               atol=1e-5, rtol=1e-5)
+    from lora import QLoRALinear
+    from quant import LinearNF4
+    with pytest.raises(TypeError, match="dora"):  # QLoRALinear.add_adapter has no dora argument (yet)
+        QLoRALinear.from_layer(LinearNF4(64, 8)).add_adapter("x", dora=True)
