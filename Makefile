@@ -38,7 +38,7 @@ bench: install
 	$(PY) benchmarks/quant_error.py
 	$(PY) benchmarks/quant_speed.py
 	$(PY) benchmarks/training.py
-	$(PY) benchmarks/report.py
+	$(PY) benchmarks/make_report.py
 
 lint: install
 	$(PY) -m ruff check lora quant kernels tests benchmarks examples

@@ -4,7 +4,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 from common import COLUMNS, make_row, read_rows, write_rows  # noqa: E402
-from report import collect, render  # noqa: E402
+from make_report import collect, render  # noqa: E402
 
 
 def test_rows_round_trip_and_report(tmp_path):
