@@ -17,6 +17,7 @@ from report import MB, fmt_bytes, rows_of, save_figure
 
 from benchmarks.common import write_rows
 
+COLORS = {"full": "#c44", "lora": "#48c", "qlora": "#4a4", "adapter": "#c8c"}  # ICL bars grey
 PASSED = ("steps", "batch_size", "r", "alpha", "dropout", "n_train", "n_eval", "shots",
           "eval_batch", "compute_dtype", "seed", "threads")
 
@@ -81,7 +82,7 @@ def bar_chart(results: list[dict], path: Path) -> Path:
               ("saved (MB)", [r["saved_bytes"] / MB for r in results], "{:,.1f}")]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, (title, values, fmt) in zip(axes, panels, strict=True):
-        bars = ax.bar(names, values, color=["#999"] * 3 + ["#c44", "#48c", "#4a4"][:len(names) - 3])
+        bars = ax.bar(names, values, color=[COLORS.get(n, "#999") for n in names])
         ax.bar_label(bars, [fmt.format(v) for v in values], fontsize=8)
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
@@ -109,7 +110,7 @@ def compare(cfg, methods: list[str] | None = None) -> int:
     if not results:
         return 2
     print_comparison(results)
-    print("(bottleneck adapters and prompt tuning: not in the lora package yet, no rows)")
+    print("(prompt tuning: no row yet; examples/llama.py takes token ids, not inputs_embeds)")
     rows = [row for r in results for row in rows_of(r, benchmark="finetune_compare")]
     print(f"\ncsv: {write_rows(out / 'compare.csv', rows)}\nchart: {bar_chart(results, out / 'compare.png')}")
     if failed:

@@ -40,7 +40,7 @@ from report import atomic_write_text  # noqa: E402
 from task import make_splits, prompt  # noqa: E402
 from training import TrainConfig, evaluate, peak_rss_bytes, train  # noqa: E402
 
-DEFAULT_LR = {"qlora": 1e-3, "lora": 1e-3, "full": 3e-5}  # LoRA takes ~10x full FT's lr (QLoRA app. B uses 2e-4 for long runs)
+DEFAULT_LR = {"qlora": 1e-3, "lora": 1e-3, "adapter": 1e-3, "full": 3e-5}  # LoRA takes ~10x full FT's lr (QLoRA app. B uses 2e-4 for long runs)
 
 
 @dataclass

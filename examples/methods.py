@@ -14,6 +14,7 @@ from torch import nn
 import lora.qlora  # noqa: F401  (registers QLoRALinear as the LoRA wrapper of quant.LinearNF4)
 from lora import (
     LoRAConfig,
+    add_adapters,
     apply_lora,
     load_adapter,
     read_adapter,
@@ -23,9 +24,10 @@ from lora import (
 from quant import LinearNF4, quantize_model
 
 # The linear layers of a Llama block (QLoRA sec. 4: adapters on all of them).
+ADAPTER_BOTTLENECK = 64  # Houlsby sec. 3.1 tries 8-256; 64 gives about LoRA r=16's parameter count here
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ICL = ("zero-shot", "one-shot", "few-shot")  # weights untouched, examples in the prompt
-TRAINED = ("full", "lora", "qlora")
+TRAINED = ("full", "lora", "qlora", "adapter")  # adapter: Houlsby bottleneck adapters
 METHODS = ICL + TRAINED
 
 
@@ -91,7 +93,10 @@ def prepare(model: nn.Module, method: str, r: int = 16, alpha: float = 32, dropo
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "qlora":
         quantize_blocks(model, compute_dtype)
-    if method in ("lora", "qlora"):
+    if method == "adapter":
+        # Houlsby sec. 2.1: one bottleneck after the attention and one after the MLP of each block.
+        add_adapters(model, after=["self_attn", "mlp"], bottleneck=ADAPTER_BOTTLENECK)
+    elif method in ("lora", "qlora"):
         # Adapters in float32 whatever the base computes in: AdamW updates of bf16 weights
         # round away (QLoRA keeps optimizer states in fp32 too, sec. 3 "paged optimizers").
         apply_lora(model, lora_config(r, alpha, dropout), dtype=torch.float32)
@@ -105,10 +110,10 @@ def prepare(model: nn.Module, method: str, r: int = 16, alpha: float = 32, dropo
 def save_what_must_be_saved(model: nn.Module, method: str, directory: Path) -> int:
     """Write what a user must keep to reproduce the method; return its size in bytes.
 
-    LoRA/QLoRA: the adapter folder (PEFT layout). Full fine-tuning: every weight, counted
+    LoRA/QLoRA/bottleneck adapters: the adapter folder (PEFT layout). Full fine-tuning: every weight, counted
     at fp32 without writing 0.5 GB. In-context learning: nothing (the prompt is the method).
     """
-    if method in ("lora", "qlora"):
+    if method in ("lora", "qlora", "adapter"):
         paths = save_adapter(model, directory)
         return sum(f.stat().st_size for p in paths for f in Path(p).iterdir() if f.is_file())
     if method == "full":

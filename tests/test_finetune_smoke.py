@@ -94,7 +94,7 @@ def test_cli_errors_are_clear(tmp_path, tiny_gguf, capsys):
     assert finetune.main(["--gguf", str(other), "--out", str(tmp_path)]) == 2
     assert "unsupported GGUF architecture 'gpt2'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown method"):
-        prepare(torch.nn.Linear(2, 2), "adapter")
+        prepare(torch.nn.Linear(2, 2), "bitfit")
 
 
 def test_compare_table_chart_and_rows(tmp_path, capsys):
@@ -134,3 +134,10 @@ def test_quantizing_while_loading_equals_quantizing_after(tiny_gguf):
         assert torch.equal(sd_direct[k], sd_after[k]), k
     idx = torch.tensor([[5, 9, 2, 6, 5, 3]])
     torch.testing.assert_close(direct(idx), after(idx), atol=0, rtol=0)
+
+
+def test_bottleneck_adapter_run(tmp_path, tiny_gguf):
+    res = finetune.run(small_cfg(tmp_path, tiny_gguf, method="adapter", steps=2, reload=False))
+    assert len(res["losses"]) == 2 and res["saved_bytes"] > 0
+    assert 0 < res["trainable_params"] < res["all_params"]
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
