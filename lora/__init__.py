@@ -2,10 +2,10 @@
 from .adapters import Adapter, AdapterConfig, add_adapters, remove_adapters
 from .combine import combine_adapters
 from .config import LoRAConfig
-from .dora import apply_lora  # inject.apply_lora, plus DoRA when config.dora
 from .files import load_adapter, read_adapter, save_adapter
 from .inject import (
     LORA_LAYER_TYPES,
+    apply_lora,
     delete_adapter,
     disable_adapters,
     lora_layers,

@@ -64,21 +64,13 @@ def factored_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling
     return sq.clamp_min(0.0).sqrt()
 
 
-def apply_lora(model, config, adapter_name: str = "default", dtype: torch.dtype | None = None) -> list[str]:
-    """`lora.inject.apply_lora`, then DoRA on every wrapped layer when `config.dora`.
+def check_dora_targets(model, names: list[str]) -> None:
+    """DoRA needs a dense float linear weight: raise ValueError naming the targets that are
+    embeddings or 4-bit layers (called before the model is touched)."""
+    from .layer import LoRALayer
 
-    DoRA needs a dense float linear weight: targets that are embeddings or 4-bit layers
-    raise ValueError before the model is touched. Arguments and return as `inject.apply_lora`.
-    """
-    from .config import LoRAConfig
-    from .inject import apply_lora as inject_apply_lora
-    from .inject import resolve_targets
-    from .layer import LoRALayer, LoRALinear
-
-    if not isinstance(config, LoRAConfig) or not config.dora:
-        return inject_apply_lora(model, config, adapter_name=adapter_name, dtype=dtype)
     bad = []
-    for name in resolve_targets(model, config):
+    for name in names:
         module = model.get_submodule(name)
         base = module.base_layer if isinstance(module, LoRALayer) else module
         weight = getattr(base, "weight", None)
@@ -88,12 +80,6 @@ def apply_lora(model, config, adapter_name: str = "default", dtype: torch.dtype 
     if bad:
         raise ValueError(f"dora=True needs linear layers with a dense float weight; these targets are not: {bad} "
                          "(DoRA supports nn.Linear and GPT-2 Conv1D; not embeddings or 4-bit layers)")
-    names = inject_apply_lora(model, config, adapter_name=adapter_name, dtype=dtype)
-    for name in names:
-        layer = model.get_submodule(name)
-        if isinstance(layer, LoRALinear) and not layer.is_dora(adapter_name):
-            layer.enable_dora(adapter_name)
-    return names
 
 
 def dora_linear_ref(x, W, b, A, B, m, scaling):

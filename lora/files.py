@@ -31,8 +31,7 @@ from torch import nn
 
 from .adapters import BOTTLENECK_ATTR, AdapterConfig, adapter_modules, add_adapters, remove_adapters
 from .config import LoRAConfig
-from .dora import apply_lora
-from .inject import CONFIG_ATTR, lora_layers, modules_to_save_names
+from .inject import CONFIG_ATTR, apply_lora, lora_layers, modules_to_save_names
 from .prompt_tuning import PromptTuning, prompt_config
 
 CONFIG_NAME = "adapter_config.json"

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import ALL_LINEAR, BIAS_MODES, LoRAConfig, check_choice
+from .dora import check_dora_targets
 from .layer import LoRAEmbedding, LoRALayer, LoRALinear, _is_conv1d
 
 # base layer type -> LoRA wrapper type; "linear-like" types are the ones "all-linear" picks.
@@ -189,6 +190,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defaul
         module = model.get_submodule(name)
         if isinstance(module, LoRALayer) and adapter_name in module.r:
             raise ValueError(f"{name} already has adapter {adapter_name!r}; LoRA cannot be applied twice")
+    if config.dora:
+        check_dora_targets(model, names)
     for name in names:
         module = model.get_submodule(name)
         r, alpha = config.rank_and_alpha(name)
@@ -201,6 +204,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defaul
             dropout = config.dropout if wrapper is not LoRAEmbedding else 0.0
             _set_submodule(model, name, wrapper.from_layer(module, r=r, alpha=alpha, dropout=dropout,
                                                            fan_in_fan_out=config.fan_in_fan_out or None, **kwargs))
+    if config.dora:
+        for name in names:
+            model.get_submodule(name).enable_dora(adapter_name)
     saved = copy.deepcopy(config)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
         saved.target_modules = sorted(names)  # PEFT saves the resolved names too
