@@ -253,7 +253,8 @@ def disable_adapters(model: nn.Module):
     previous = {id(layer): layer.disabled for layer in layers}
     try:
         for layer in layers:
-            layer.unmerge()
+            if layer.merged:
+                layer.unmerge()
             layer.disabled = True
         yield model
     finally:
@@ -287,7 +288,8 @@ def merge_and_unload(model: nn.Module, **kwargs) -> nn.Module:
 def unload(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer by its base layer, dropping the adapters (unmerging first)."""
     for name, layer in list(lora_layers(model)):
-        layer.unmerge()
+        if layer.merged:
+            layer.unmerge()
         _set_submodule(model, name, layer.base_layer)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)

@@ -175,7 +175,15 @@ class LoRALayer(nn.Module):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter from the base weight again (no-op when nothing is merged)."""
+        """Subtract every merged adapter from the base weight again.
+
+        With nothing merged it changes nothing and warns (as PEFT does): a call without a
+        matching `merge()` usually means a mix-up in the caller's bookkeeping. Idempotent.
+        """
+        if not self.merged_adapters:
+            warnings.warn("unmerge(): no adapter is merged into this layer; nothing to do", UserWarning,
+                          stacklevel=2)
+            return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             weight = self.base_weight()
@@ -407,6 +415,8 @@ class LoRALinear(LoRALayer):
         return (scale - 1) * wx.to(scale.dtype) + scale * lora
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have last dimension in_features={self.in_features}, got shape {tuple(x.shape)}")
         if self.disabled and self.merged:
             self.unmerge()
         if self.disabled or self.merged or not self.active_adapters:
@@ -442,6 +452,8 @@ class LoRALinear(LoRALayer):
         holds for `nn.Linear` (set `add_in_place = True` on a subclass whose base also returns
         fresh outputs; autograd raises if the base saved its output for backward). Views
         are excluded: autograd would copy the whole gradient to undo them."""
+        if torch.compiler.is_compiling():  # the compiler plans its own buffers (and cannot trace _is_view)
+            return False
         fresh = self.add_in_place or type(self.base_layer) is nn.Linear
         return fresh and not result._is_view() and not (result.is_leaf and result.requires_grad)
 

@@ -14,6 +14,7 @@ is kept in `merge_errors`. `merge_and_unload()` avoids it by returning a dense l
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Iterable
 
 import torch
@@ -116,7 +117,12 @@ class QLoRALinear(LoRALinear):
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Subtract the merged adapters again and re-quantize (not exact: see the module docstring)."""
+        """Subtract the merged adapters again and re-quantize (not exact: see the module docstring).
+        With nothing merged it changes nothing and warns, as `LoRALinear.unmerge`."""
+        if not self.merged_adapters:
+            warnings.warn("unmerge(): no adapter is merged into this layer; nothing to do", UserWarning,
+                          stacklevel=2)
+            return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             self.base_layer.set_weight(self._merged_weight([name], sign=-1.0))

@@ -98,16 +98,7 @@ def test_compiled_equals_eager(case):
         torch.testing.assert_close(g_compiled[name], g_eager[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param("lora_linear", marks=pytest.mark.xfail(
-        strict=True, raises=torch._dynamo.exc.Unsupported,
-        reason="LoRALinear._can_add_in_place calls Tensor._is_view(), which dynamo cannot trace "
-        "(lora/layer.py; fix: return False when torch.compiler.is_compiling())")),
-    "qlora_linear",
-    pytest.param("small_model", marks=pytest.mark.xfail(
-        strict=True, raises=torch._dynamo.exc.Unsupported,
-        reason="same graph break as lora_linear, in each LoRALinear of the model")),
-])
+@pytest.mark.parametrize("case", ["lora_linear", "qlora_linear", "small_model"])
 def test_fullgraph(case):
     """No graph break anywhere (dynamo only: aot_eager skips inductor's C++ compile)."""
     make, shape = CASES[case]

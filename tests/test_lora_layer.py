@@ -122,7 +122,8 @@ def test_merge_equals_unmerged_and_is_idempotent(fin, fout, r, lead, dtype):
         assert_close(merged_out, lora_linear_ref(x, w0, layer.base_layer.bias, layer.lora_A["default"].weight,
                                                  layer.lora_B["default"].weight, layer.scaling["default"]), dtype)
     layer.unmerge()
-    layer.unmerge()  # idempotent
+    with pytest.warns(UserWarning, match="unmerge"):
+        layer.unmerge()  # idempotent: nothing merged, so nothing changes (and it warns)
     assert not layer.merged
     # Unmerge subtracts the same delta; in bf16 each step rounds once, to half an ulp of the sum.
     assert_close(layer.base_layer.weight, w0, dtype)
