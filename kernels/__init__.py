@@ -14,14 +14,14 @@ Importing this package never needs Triton; the kernel functions do.
 """
 from __future__ import annotations
 
+import quant.linear as _quant_linear
+
 from ._backend import BACKENDS, ENV_VAR, interpreter_enabled, select_backend, triton_available
 from .autograd import NF4LinearFunction, nf4_linear, reference_linear
 from .tuning import TileConfig, candidate_configs, pin_config
 
 # Every quant.LinearNF4 (and so every QLoRALinear) calls through `nf4_linear` from now on:
 # Triton for CUDA inputs, quant's PyTorch reference otherwise.
-import quant.linear as _quant_linear  # noqa: E402  (after the names it needs)
-
 _quant_linear.register_fast_linear(nf4_linear)
 
 
