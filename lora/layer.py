@@ -153,18 +153,21 @@ class LoRALayer(nn.Module):
             raise TypeError(f"{type(self.base_layer).__name__} has no float weight to merge into")
         return weight
 
+    def _adapters_to_merge(self, adapter_names: Iterable[str] | None) -> list[str]:
+        """The active (or given) adapters not merged yet; unknown names raise ValueError."""
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        for name in names:
+            if name not in self.r:
+                raise ValueError(f"adapter_names: {name!r} not found; this layer has {self.adapter_names}")
+        return [name for name in names if name not in self.merged_adapters]
+
     def merge(self, safe_merge: bool = False, adapter_names: Iterable[str] | None = None) -> None:
         """Add `scaling * B @ A` of the active (or given) adapters into the base weight, in place.
 
         Idempotent: adapters already merged are skipped. With `safe_merge=True` the sum is
         computed in a copy first and a non-finite result raises ValueError without writing.
         """
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
-        for name in names:
-            if name not in self.r:
-                raise ValueError(f"adapter_names: {name!r} not found; this layer has {self.adapter_names}")
-            if name in self.merged_adapters:
-                continue
+        for name in self._adapters_to_merge(adapter_names):
             weight = self.base_weight()
             merged = weight.data.to(torch.float32 if weight.dtype != torch.float64 else weight.dtype)
             merged = self._apply_merge(name, merged)

@@ -100,12 +100,7 @@ class QLoRALinear(LoRALinear):
         `merge_errors[name]` and logged. With `safe_merge=True` a non-finite sum raises
         ValueError before anything is written.
         """
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
-        for name in names:
-            if name not in self.r:
-                raise ValueError(f"adapter_names: {name!r} not found; this layer has {self.adapter_names}")
-            if name in self.merged_adapters:
-                continue
+        for name in self._adapters_to_merge(adapter_names):
             exact = self._merged_weight([name])
             if safe_merge and not torch.isfinite(exact).all():
                 raise ValueError(f"merging adapter {name!r} would write non-finite values into the base weight; "
