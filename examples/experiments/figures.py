@@ -134,7 +134,7 @@ def roofline_figure(rows: list) -> None:
         rows.append(make_row("tour_figures", label, "per weight", "bytes_moved", b, "bytes"))
     print("bytes per weight: " + ", ".join(f"{k} {v:.4f}" for k, v in bpw.items()))
     print(f"GEMV (M=1) time ratio bf16 / fused NF4 = {bpw['bf16 weights'] / bpw['fused NF4']:.2f}, "
-          f"bf16 / dequantize-then-matmul = {bpw['bf16 weights'] / bpw['dequantize, then bf16 matmul']:.2f}")
+          f"bf16 / dequantize-then-matmul = {bpw['bf16 weights'] / bpw['dequantize then bf16 matmul']:.2f}")
 
 
 def main() -> int:
