@@ -225,9 +225,9 @@ class Llama(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+    def forward(self, idx: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the next token at every position (`lm_head` of `hidden`).
 
         Args:
@@ -238,28 +238,33 @@ class Llama(nn.Module):
             cache: a `KVCache`, filled in place; S counts the cached tokens too.
             last_only: compute logits at the last position only (generation needs no
                 more, and the vocab projection is the costliest matmul of a long prompt).
+            inputs_embeds: (B, T, dim) input embeddings instead of `idx` (prompt tuning
+                prepends learned ones); pass exactly one of the two.
 
         Returns:
             (B, T, vocab_size) logits, or (B, 1, vocab_size) when last_only.
         """
-        x = self.hidden(idx, positions, mask, cache)  # (B, T, dim)
+        x = self.hidden(idx, positions, mask, cache, inputs_embeds)  # (B, T, dim)
         if last_only:
             x = x[:, -1:]  # (B, 1, dim)
         return self.lm_head(x)
 
-    def hidden(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
-               mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None, cache: KVCache | None = None,
+               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Final normalised hidden states (B, T, dim); arguments as `forward`.
 
         Training on answer tokens only can apply `lm_head` to those positions alone
         (the vocabulary projection is a fifth of this model's FLOPs).
         """
-        B, T = idx.shape
+        if (idx is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of idx (token ids) or inputs_embeds")
+        x = self.model.embed_tokens(idx) if inputs_embeds is None else inputs_embeds  # (B, T, dim)
+        B, T = x.shape[:2]
         if positions is None:
-            positions = torch.arange(T, device=idx.device).expand(B, T)  # (B, T)
+            positions = torch.arange(T, device=x.device).expand(B, T)  # (B, T)
         if int(positions.max()) >= self.config.max_seq_len:
             raise ValueError(f"sequence longer than max_seq_len={self.config.max_seq_len}")
-        x = self.model.embed_tokens(idx)  # (B, T, dim)
         cfg = self.config
         cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_base, upcast(x).dtype)
         for i, block in enumerate(self.model.layers):
