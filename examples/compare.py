@@ -17,7 +17,7 @@ from report import MB, fmt_bytes, rows_of, save_figure
 
 from benchmarks.common import write_rows
 
-COLORS = {"full": "#c44", "lora": "#48c", "qlora": "#4a4", "adapter": "#c8c"}  # ICL bars grey
+COLORS = {"full": "#c44", "lora": "#48c", "qlora": "#4a4", "adapter": "#c8c", "prompt": "#c93"}  # ICL bars grey
 PASSED = ("steps", "batch_size", "r", "alpha", "dropout", "n_train", "n_eval", "shots",
           "eval_batch", "compute_dtype", "seed", "threads")
 

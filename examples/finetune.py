@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from methods import (  # noqa: E402
     METHODS,
+    PROMPT_INIT_TEXT,
     TRAINED,
     base_weight_bytes,
     load_model,
@@ -40,7 +41,7 @@ from report import atomic_write_text  # noqa: E402
 from task import make_splits, prompt  # noqa: E402
 from training import TrainConfig, evaluate, peak_rss_bytes, train  # noqa: E402
 
-DEFAULT_LR = {"qlora": 1e-3, "lora": 1e-3, "adapter": 1e-3, "full": 3e-5}  # LoRA takes ~10x full FT's lr (QLoRA app. B uses 2e-4 for long runs)
+DEFAULT_LR = {"qlora": 1e-3, "lora": 1e-3, "adapter": 1e-3, "full": 3e-5, "prompt": 3e-2}  # LoRA takes ~10x full FT's lr (QLoRA app. B uses 2e-4 for long runs)
 
 
 @dataclass
@@ -95,7 +96,8 @@ def run(cfg: FinetuneConfig, load=load_model) -> dict:
     model, tok = load(cfg.method, cfg.gguf, dtype_of(cfg.compute_dtype))
     print(f"loaded {cfg.gguf or 'SmolLM2-135M-Instruct'} in {time.perf_counter() - t0:.1f} s")
     bf16_bytes, _ = base_weight_bytes(model)
-    info = prepare(model, cfg.method, cfg.r, cfg.alpha, cfg.dropout, dtype_of(cfg.compute_dtype))
+    model, info = prepare(model, cfg.method, cfg.r, cfg.alpha, cfg.dropout, dtype_of(cfg.compute_dtype),
+                          prompt_init=tok.encode(PROMPT_INIT_TEXT))
     shots = train_set[:{"one-shot": 1, "few-shot": cfg.shots}.get(cfg.method, 0)]  # ICL only
     eval_kw = dict(batch_size=cfg.eval_batch, max_new_tokens=max_answer_tokens(tok, eval_set))
     res = {"method": cfg.method, **info, "base_bf16_bytes": bf16_bytes,

@@ -274,12 +274,14 @@ class Llama(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64,
                  eos_id: int | None = None, temperature: float = 0.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> list[list[int]]:
+                 generator: torch.Generator | None = None,
+                 prefix_embeds: torch.Tensor | None = None) -> list[list[int]]:
         """Continue a batch of prompts with a KV cache; greedy when temperature == 0.
 
         The tokens all prompts share at the start (a chat template, an instruction) are
         run once for the whole batch; the rest are left-padded. Each row stops at
         `eos_id` (which is included in its output) or after `max_new_tokens`.
+        `prefix_embeds` (p, dim), e.g. a soft prompt, goes in front of every prompt.
 
         Returns:
             The new tokens of each prompt (without the prompt).
@@ -291,17 +293,22 @@ class Llama(nn.Module):
         device = self.model.embed_tokens.weight.device
         cache = KVCache(self.config.n_layers)
         L = shared_prefix_length(prompts)
-        if L:
-            self.hidden(torch.tensor([prompts[0][:L]], device=device), cache=cache)  # (1, L, dim)
+        shared = [self.model.embed_tokens(torch.tensor([prompts[0][:L]], dtype=torch.long, device=device))]  # (1, L, dim)
+        if prefix_embeds is not None:
+            shared.insert(0, prefix_embeds.to(shared[0].dtype)[None])  # (1, p, dim)
+        shared = torch.cat(shared, 1)  # (1, S0, dim): what every row starts with
+        S0 = shared.shape[1]
+        if S0:
+            self.hidden(inputs_embeds=shared, cache=cache)  # fills the cache once
             cache.expand(len(prompts))
         idx, valid = left_pad([p[L:] for p in prompts], device)  # (B, P) each
         B, P = idx.shape
-        positions = L + (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, P): L at the first real token
+        positions = S0 + (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, P): S0 at the first real token
         causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()  # (P, P)
         eye = torch.eye(P, dtype=torch.bool, device=device)  # pads attend to themselves (no NaN)
-        valid = torch.cat([torch.ones(B, L, dtype=torch.bool, device=device), valid], 1)  # (B, L + P)
-        mask = torch.cat([valid[:, None, :L].expand(B, P, L),  # every query sees the prefix
-                          (causal & valid[:, None, L:]) | eye], 2)  # (B, P, L + P)
+        valid = torch.cat([torch.ones(B, S0, dtype=torch.bool, device=device), valid], 1)  # (B, S0 + P)
+        mask = torch.cat([valid[:, None, :S0].expand(B, P, S0),  # every query sees the prefix
+                          (causal & valid[:, None, S0:]) | eye], 2)  # (B, P, S0 + P)
         logits = self(idx, positions, mask.unsqueeze(1), cache, last_only=True)[:, -1]  # (B, vocab)
         next_pos = positions[:, -1] + 1  # (B,)
         out = [[] for _ in range(B)]

@@ -14,6 +14,8 @@ from torch import nn
 import lora.qlora  # noqa: F401  (registers QLoRALinear as the LoRA wrapper of quant.LinearNF4)
 from lora import (
     LoRAConfig,
+    PromptTunedModel,
+    PromptTuning,
     add_adapters,
     apply_lora,
     load_adapter,
@@ -27,7 +29,9 @@ from quant import LinearNF4, quantize_model
 ADAPTER_BOTTLENECK = 64  # Houlsby sec. 3.1 tries 8-256; 64 gives about LoRA r=16's parameter count here
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ICL = ("zero-shot", "one-shot", "few-shot")  # weights untouched, examples in the prompt
-TRAINED = ("full", "lora", "qlora", "adapter")  # adapter: Houlsby bottleneck adapters
+TRAINED = ("full", "lora", "qlora", "adapter", "prompt")  # adapter: Houlsby bottleneck; prompt: soft prompt
+PROMPT_TOKENS = 20  # Lester sec. 3: 20 virtual tokens already come close to 100 on large models
+PROMPT_INIT_TEXT = "Extract the name, age and city from the sentence as one line of JSON."  # Lester sec. 2.2
 METHODS = ICL + TRAINED
 
 
@@ -86,9 +90,35 @@ def quantize_blocks(model: nn.Module, compute_dtype: torch.dtype) -> None:
                        progress=True, **NF4_SETTINGS)
 
 
+class SoftPromptLlama(PromptTunedModel):
+    """The in-repo Llama behind a learned soft prompt (`lora.PromptTuning`), with the
+    `hidden` / `lm_head` / `generate` interface the training loop and evaluation use.
+    The p virtual tokens sit at positions 0..p-1, in training and in generation alike."""
+
+    def __init__(self, llama: nn.Module, prompt: PromptTuning):
+        super().__init__(llama, prompt)
+        self.config = llama.config
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T, dim) hidden states of the real tokens (the soft prompt's are dropped)."""
+        embeds = self.prompt(idx)["inputs_embeds"]  # (B, p + T, dim)
+        return self.model.hidden(inputs_embeds=embeds)[:, self.prompt.num_virtual_tokens:]
+
+    def generate(self, prompts: list[list[int]], **kwargs) -> list[list[int]]:
+        return self.model.generate(prompts, prefix_embeds=self.prompt.prompt_embeddings, **kwargs)
+
+
 def prepare(model: nn.Module, method: str, r: int = 16, alpha: float = 32, dropout: float = 0.0,
-            compute_dtype: torch.dtype = torch.float32) -> dict:
-    """Make `model` ready for `method` (in place); returns its parameter counts."""
+            compute_dtype: torch.dtype = torch.float32, prompt_init: list[int] | str = "vocab"
+            ) -> tuple[nn.Module, dict]:
+    """Make `model` ready for `method`; returns the model to train (the same object, or a
+    soft-prompt wrapper around it for "prompt") and its parameter counts.
+
+    `prompt_init`: the soft prompt's initial token ids (or "vocab" / "random")."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if method == "qlora":
@@ -100,20 +130,22 @@ def prepare(model: nn.Module, method: str, r: int = 16, alpha: float = 32, dropo
         # Adapters in float32 whatever the base computes in: AdamW updates of bf16 weights
         # round away (QLoRA keeps optimizer states in fp32 too, sec. 3 "paged optimizers").
         apply_lora(model, lora_config(r, alpha, dropout), dtype=torch.float32)
+    elif method == "prompt":
+        model = SoftPromptLlama(model, PromptTuning(PROMPT_TOKENS, model.model.embed_tokens, prompt_init))
     else:
         model.requires_grad_(method == "full")
     trainable, total = trainable_parameters(model)
-    return {"trainable_params": trainable, "all_params": total,
-            "trainable_pct": 100.0 * trainable / total}
+    return model, {"trainable_params": trainable, "all_params": total,
+                   "trainable_pct": 100.0 * trainable / total}
 
 
 def save_what_must_be_saved(model: nn.Module, method: str, directory: Path) -> int:
     """Write what a user must keep to reproduce the method; return its size in bytes.
 
-    LoRA/QLoRA/bottleneck adapters: the adapter folder (PEFT layout). Full fine-tuning: every weight, counted
+    LoRA/QLoRA/bottleneck adapters, soft prompts: the adapter folder (PEFT layout). Full fine-tuning: every weight, counted
     at fp32 without writing 0.5 GB. In-context learning: nothing (the prompt is the method).
     """
-    if method in ("lora", "qlora", "adapter"):
+    if method in ("lora", "qlora", "adapter", "prompt"):
         paths = save_adapter(model, directory)
         return sum(f.stat().st_size for p in paths for f in Path(p).iterdir() if f.is_file())
     if method == "full":

@@ -64,7 +64,7 @@ def test_prepare_qlora_swaps_every_block_linear(tiny_gguf):
     model, _ = load_llama(tiny_gguf)
     bf16, stored = base_weight_bytes(model)
     assert stored == 2 * bf16  # fp32 weights
-    info = prepare(model, "qlora", r=4, alpha=8)
+    model, info = prepare(model, "qlora", r=4, alpha=8)
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] in BLOCK_LINEARS:
             assert isinstance(module, LoRALinear) and isinstance(module.base_layer, LinearNF4)
@@ -77,7 +77,7 @@ def test_prepare_qlora_swaps_every_block_linear(tiny_gguf):
 def test_lora_training_lowers_the_loss(tiny_gguf):
     torch.manual_seed(0)
     model, tok = load_llama(tiny_gguf)
-    prepare(model, "lora", r=8, alpha=16)
+    model, _ = prepare(model, "lora", r=8, alpha=16)
     examples = make_splits(4, 0, seed=0)[0]
     result = train(model, tok, examples, TrainConfig(steps=12, batch_size=4, lr=1e-2, warmup=1))
     assert result.losses[-1] < 0.5 * result.losses[0], result.losses
@@ -141,3 +141,26 @@ def test_bottleneck_adapter_run(tmp_path, tiny_gguf):
     assert len(res["losses"]) == 2 and res["saved_bytes"] > 0
     assert 0 < res["trainable_params"] < res["all_params"]
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").exists()
+
+
+def test_prompt_tuning_method_trains_only_the_soft_prompt_and_generates_with_it(tiny_gguf):
+    torch.manual_seed(0)
+    model, tok = load_llama(tiny_gguf)
+    init = tok.encode("name age city")
+    wrapped, info = prepare(model, "prompt", prompt_init=init)
+    p = wrapped.prompt.num_virtual_tokens
+    assert info["trainable_params"] == p * model.config.dim
+    # With the soft prompt equal to the embeddings of some tokens, generating behind it is
+    # generating from those tokens written in front of every prompt.
+    prefix = (init * p)[:p]
+    prompts = [tok.encode("Ann is 30.")[:4], tok.encode("Bob, 41, Rome")[:6]]
+    got = wrapped.generate(prompts, max_new_tokens=5)
+    want = model.generate([prefix + q for q in prompts], max_new_tokens=5)
+    assert got == want
+    examples = make_splits(4, 0, seed=0)[0]
+    before = wrapped.prompt.prompt_embeddings.detach().clone()
+    frozen = model.model.embed_tokens.weight.detach().clone()
+    result = train(wrapped, tok, examples, TrainConfig(steps=6, batch_size=4, lr=3e-2, warmup=1))
+    assert result.losses[-1] < result.losses[0]
+    assert not torch.equal(wrapped.prompt.prompt_embeddings, before)
+    assert torch.equal(model.model.embed_tokens.weight, frozen)
