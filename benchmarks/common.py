@@ -11,12 +11,13 @@ import csv
 import os
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+
+from lora.files import atomic_write
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 COLUMNS = ["benchmark", "provider", "shape", "metric", "value", "unit",
@@ -60,18 +61,14 @@ def write_rows(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     """Write rows to a CSV atomically (temp file in the same folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
             for row in rows:
                 writer.writerow(row)
-        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, write)
     return path
 
 

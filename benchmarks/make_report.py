@@ -14,9 +14,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, before benchmarks/
 
-from common import RESULTS_DIR, read_rows  # noqa: E402
+from benchmarks.common import RESULTS_DIR, read_rows  # noqa: E402
 
 REPORT = Path(__file__).resolve().parent / "REPORT.md"
 COMMANDS = {

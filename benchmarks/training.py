@@ -27,11 +27,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "examples"), str(ROOT / "benchmarks")]
+sys.path[:0] = [str(ROOT), str(ROOT / "examples")]  # the root first: `kernels` is the package
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import RESULTS_DIR, make_row, write_rows  # noqa: E402
+
+from benchmarks.common import RESULTS_DIR, make_row, write_rows  # noqa: E402
 
 METHODS = ("full", "lora", "qlora")
 PROVIDERS = ("loralab", "hf-peft")

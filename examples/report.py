@@ -1,11 +1,10 @@
 """Tables, CSV rows and plots of the fine-tuning runs (matplotlib with the Agg backend)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from benchmarks.common import make_row, write_rows
+from lora.files import atomic_write
 
 MB = 1024 ** 2
 
@@ -13,27 +12,13 @@ MB = 1024 ** 2
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a text file atomically (temp file in the same folder, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_figure(fig, path: Path) -> Path:
     """Save a matplotlib figure atomically as PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png"))
     return path
 
 

@@ -69,11 +69,23 @@ def adapter_tensors(model: nn.Module, adapter_name: str, config: LoRAConfig) -> 
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
+def _default_mode() -> int:
+    """The permissions `open()` would give a new file (0o666 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Create or replace `path` atomically: `write(tmp)` fills a temp file in the same
+    folder, which is synced to disk and renamed over `path`. Readers see the old file or
+    the new one, never a half-written one. The file gets the usual permissions."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _default_mode())  # mkstemp creates owner-only files
         with open(tmp, "rb") as f:  # on disk before the rename, so a power cut cannot leave an empty file
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -120,8 +132,8 @@ def _write_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) 
     old_config = folder / CONFIG_NAME
     metadata = {"format": "pt", META_CONFIG: config_text,
                 META_REPLACES: _sha256(old_config.read_bytes()) if old_config.is_file() else ""}
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str] | None = None) -> list[Path]:

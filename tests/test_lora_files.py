@@ -136,3 +136,22 @@ def test_missing_folder_and_nothing_to_save(tmp_path):
         load_adapter(fresh(), tmp_path / "nope")
     with pytest.raises(ValueError, match="no LoRA adapters"):
         save_adapter(fresh(), tmp_path)
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through mkstemp (owner-only files); the result must be as readable
+    as a file written with open() under the same umask."""
+    import os
+    import stat
+
+    from lora.files import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.txt", lambda tmp: open(tmp, "w").write("x"))
+        with open(tmp_path / "b.txt", "w") as f:
+            f.write("x")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE(os.stat(tmp_path / "a.txt").st_mode)
+    assert mode == stat.S_IMODE(os.stat(tmp_path / "b.txt").st_mode) == 0o644
