@@ -19,14 +19,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: small matmuls gain little from two, and on a busy CPU OpenMP barriers crawl."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny(name="round", dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
