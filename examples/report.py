@@ -80,7 +80,7 @@ def report(res: dict, out: Path) -> None:
               f"({res['trainable_pct']:.3f}%)"),
              ("block weights in bf16", fmt_bytes(res["base_bf16_bytes"])),
              ("block weights as stored", fmt_bytes(res["base_stored_bytes"]) +
-              f" ({res['base_bf16_bytes'] / res['base_stored_bytes']:.2f}x smaller than bf16)"),
+              f" ({res['base_stored_bytes'] / res['base_bf16_bytes']:.3f} of their bf16 size)"),
              ("saved file(s)", fmt_bytes(res["saved_bytes"])),
              ("peak process memory (RSS)", fmt_bytes(res["peak_rss_bytes"])),
              ("seconds per step", f"{res.get('seconds_per_step', float('nan')):.2f} "
