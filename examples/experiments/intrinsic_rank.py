@@ -139,7 +139,7 @@ def plot_grids(grids: dict, dims: dict, path) -> None:
                        extent=(0.5, 64.5, 0.5, 8.5))
         ax.set_title(f"phi({kind}: r=8, r=64)", fontsize=9)
         ax.set_xlabel("j (r = 64)")
-        ax.set_ylabel("i (r = 8)")
+    axes[0].set_ylabel("i (r = 8)")
     fig.colorbar(im, ax=axes, shrink=0.9)
     fig.suptitle("subspace similarity, mean over the 210 adapted layers (LoRA sec. 7.2)", fontsize=10, y=1.04)
     save_figure(fig, path)

@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from scipy.stats import shapiro  # noqa: E402
+from scipy.stats import kurtosis, shapiro  # noqa: E402
 from tour_setup import FIGURES, save_figure, setup_threads  # noqa: E402
 
 from benchmarks.common import make_row, write_rows  # noqa: E402
@@ -89,6 +89,13 @@ def main() -> int:
     rows.append(make_row("normality", "all SmolLM2 linears", f"{len(real)}x{BLOCKSIZE}", "share_normal_at_0.05",
                          float((p_all >= ALPHA).mean()), "fraction"))
     print(f"all 7 layer types together: {100 * (p_all >= ALPHA).mean():.1f}% of blocks normal at 5%")
+    # Which way do rejected blocks deviate? Excess kurtosis > 0: heavier tails than a normal.
+    heavy = kurtosis(real, axis=1) > 0
+    for label, mask in (("rejected", p_all < ALPHA), ("normal", p_all >= ALPHA)):
+        share = float(heavy[mask].mean())
+        rows.append(make_row("normality", "all SmolLM2 linears", f"{label} blocks", "share_heavy_tailed",
+                             share, "fraction"))
+        print(f"  {label:8s} blocks with excess kurtosis > 0 (heavier tails than normal): {100 * share:.1f}%")
     rows.append(make_row("normality", "all", "-", "total_seconds", time.perf_counter() - t0, "s"))
     write_rows(FIGURES / "normality.csv", rows)
     plot(shares, errs, FIGURES / "normality.png")
