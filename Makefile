@@ -37,6 +37,7 @@ bench: install
 	$(PY) benchmarks/lora_layer.py
 	$(PY) benchmarks/quant_error.py
 	$(PY) benchmarks/quant_speed.py
+	$(PY) benchmarks/dora.py
 	$(PY) benchmarks/training.py
 	$(PY) benchmarks/make_report.py
 
