@@ -96,6 +96,12 @@ def main() -> int:
     mean_energy = torch.stack(list(spectra.values())).mean(0)  # (64,)
     for k in TRUNCATE_TO:
         rows.append(make_row("intrinsic_rank", "r=64 update", f"k={k}", "energy_kept_mean", float(mean_energy[k - 1]), "fraction"))
+    for suffix in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        sel = torch.stack([s for n, s in spectra.items() if n.endswith(suffix)]).mean(0)  # (64,)
+        for k in (1, 8):
+            rows.append(make_row("intrinsic_rank", f"r=64 update, {suffix}", f"k={k}", "energy_kept_mean",
+                                 float(sel[k - 1]), "fraction"))
+        print(f"  {suffix:9s} energy kept at rank 1: {float(sel[0]):.3f}, rank 8: {float(sel[7]):.3f}")
     print("mean energy of B A (r=64) kept at rank k: " + "  ".join(f"k={k} {float(mean_energy[k - 1]):.3f}" for k in TRUNCATE_TO))
     accs = truncated_accuracy(trained[64])
     for k, acc in accs.items():
