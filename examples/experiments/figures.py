@@ -6,7 +6,7 @@
 * memory.png: training memory of Llama-3.2-1B, Llama-3-8B, Llama-3-70B, full vs LoRA vs
   QLoRA, from `lora.memory.estimate` (chapter 1);
 * roofline.png: the analytic roofline of a GEMV/GEMM on an H200 (4.3 TB/s copy, 790 TFLOP/s
-  bf16 matmul, measured on the project's GPU machine, shared/NOTES.md) for bf16 weights,
+  bf16 matmul, measured on the H200 lent to this project in 2026-11) for bf16 weights,
   fused NF4 and dequantize-then-matmul; the points measured by `benchmarks/kernels.py` are
   drawn on top when benchmarks/results/kernels.csv exists (`make gpu-check` on a GPU).
 Writes the PNGs and figures.csv (the numbers behind them) to docs/figures/.
@@ -27,8 +27,8 @@ from benchmarks.common import make_row, read_rows, write_rows  # noqa: E402
 from lora.memory import PRESETS, estimate, nf4_storage_bytes  # noqa: E402
 from quant import nf4_code  # noqa: E402
 
-HBM_BYTES_PER_S = 4.3e12  # H200 device copy, measured (shared/NOTES.md)
-BF16_FLOPS = 790e12  # H200 bf16 matmul, measured (shared/NOTES.md)
+HBM_BYTES_PER_S = 4.3e12  # H200 device copy, measured on the project's lent H200 (2026-11)
+BF16_FLOPS = 790e12  # H200 bf16 matmul, measured there too
 MODELS = ("llama-3.2-1b", "llama-3-8b", "llama-3-70b")
 MEMORY_SETTINGS = dict(r=16, batch_size=4, seq_len=512, grad_checkpointing=True,
                        weight_dtype="bf16", act_dtype="bf16")  # `python -m lora.memory` and the README's table
