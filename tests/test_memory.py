@@ -21,6 +21,9 @@ from lora.memory import (
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
 from llama import Llama, LlamaConfig  # noqa: E402
 
+# The activation count follows each saved tensor of examples/llama.py, so in fp32 it lands
+# within 0.1% of what saved-tensor hooks record; 2% is the bound checked (the issue asks 15%).
+ACT_TOL = 0.02
 TINY = dict(vocab_size=256, dim=48, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=112, max_seq_len=64)
 
 
@@ -55,7 +58,7 @@ def test_estimate_matches_tensors_after_a_step(method, tie):
     assert est.weights == real["weights"]
     assert est.gradients == real["gradients"]
     assert est.optimizer_states == real["optimizer_states"]
-    assert abs(est.activations - saved) <= 0.15 * saved, (est.activations, saved)
+    assert abs(est.activations - saved) <= ACT_TOL * saved, (est.activations, saved)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert est.trainable_params == n_train
 
@@ -70,7 +73,7 @@ def test_activation_estimate_tracks_batch_and_targets():
         apply_lora(model, LoRAConfig(r=8, alpha=8, target_modules=targets))
         idx = torch.randint(0, TINY["vocab_size"], (3, 16))
         saved, _ = saved_activation_bytes(model, _loss_fn(model, idx))
-        assert abs(est.activations - saved) <= 0.15 * saved, (targets, est.activations, saved)
+        assert abs(est.activations - saved) <= ACT_TOL * saved, (targets, est.activations, saved)
 
 
 def test_spec_matches_model_parameter_count():
@@ -168,7 +171,7 @@ def test_qlora_estimate_matches_tensors_after_a_step():
     assert est.weights == real["weights"]
     assert est.gradients == real["gradients"]
     assert est.optimizer_states == real["optimizer_states"]
-    assert abs(est.activations - saved) <= 0.15 * saved, (est.activations, saved)
+    assert abs(est.activations - saved) <= ACT_TOL * saved, (est.activations, saved)
 
 
 @pytest.mark.cuda
