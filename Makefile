@@ -9,7 +9,7 @@ STAMP      := $(VENV)/.installed
 GPU_PY     ?= python3
 OUT        ?= benchmarks/results
 
-.PHONY: install test demo compare bench lint gpu-check clean
+.PHONY: install test demo compare bench tour lint gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,13 @@ bench: install
 	$(PY) benchmarks/dora.py
 	$(PY) benchmarks/training.py
 	$(PY) benchmarks/make_report.py
+
+# The guided tour's experiments (docs/): figures and CSV files under docs/figures/.
+tour: install
+	$(PY) examples/experiments/figures.py
+	$(PY) examples/experiments/normality.py
+	$(PY) examples/experiments/rank_sweep.py
+	$(PY) examples/experiments/intrinsic_rank.py
 
 lint: install
 	$(PY) -m ruff check lora quant kernels tests benchmarks examples
