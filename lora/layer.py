@@ -188,10 +188,13 @@ class LoRALayer(nn.Module):
                           stacklevel=2)
             return
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            weight = self.base_weight()
-            restored = weight.data.to(torch.float32 if weight.dtype != torch.float64 else weight.dtype)
-            weight.data.copy_(self._undo_merge(name, restored))
+            self._unmerge_one(self.merged_adapters.pop())
+
+    def _unmerge_one(self, name: str) -> None:
+        """Take adapter `name` out of the base weight (the last one merged comes out first)."""
+        weight = self.base_weight()
+        restored = weight.data.to(torch.float32 if weight.dtype != torch.float64 else weight.dtype)
+        weight.data.copy_(self._undo_merge(name, restored))
 
     def _apply_merge(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """The base weight (float32/float64 copy) with adapter `name` merged in: `W + delta`."""

@@ -14,7 +14,6 @@ is kept in `merge_errors`. `merge_and_unload()` avoids it by returning a dense l
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Iterable
 
 import torch
@@ -111,16 +110,9 @@ class QLoRALinear(LoRALinear):
                         name, self.merge_errors[name])
             self.merged_adapters.append(name)
 
-    def unmerge(self) -> None:
-        """Subtract the merged adapters again and re-quantize (not exact: see the module docstring).
-        With nothing merged it changes nothing and warns, as `LoRALinear.unmerge`."""
-        if not self.merged_adapters:
-            warnings.warn("unmerge(): no adapter is merged into this layer; nothing to do", UserWarning,
-                          stacklevel=2)
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            self.base_layer.set_weight(self._merged_weight([name], sign=-1.0))
+    def _unmerge_one(self, name: str) -> None:
+        """Subtract adapter `name` again and re-quantize (not exact: see the module docstring)."""
+        self.base_layer.set_weight(self._merged_weight([name], sign=-1.0))
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: Iterable[str] | None = None,
                          requantize: bool = False) -> nn.Module:
