@@ -192,8 +192,9 @@ def activation_bytes(spec: ModelSpec, method: str, batch_size: int, seq_len: int
     - each linear layer: its input when its weight trains (full) or it has an adapter
       (`lora_A` needs it), and the r-wide `lora_A` output (`lora_B` needs it);
       LoRA dropout adds its output and a one-byte mask per target;
-    - attention (scaled_dot_product_attention, no T x T matrix): q, the repeated k
-      and v, the output (d each) and a log-sum-exp per head;
+    - attention (scaled_dot_product_attention with grouped-query heads, no T x T
+      matrix): q and the output (d each), k and v (num_kv_heads * head_dim each, not
+      repeated per query head) and a log-sum-exp per head;
     - SwiGLU: gate and up outputs and silu(gate) (3 x intermediate); the product is
       down_proj's input, counted with the linear layers;
     - outside the blocks: the RoPE tables gathered at each position, the final norm,
@@ -203,6 +204,7 @@ def activation_bytes(spec: ModelSpec, method: str, batch_size: int, seq_len: int
     activations live again during its recomputation.
     """
     a, d, f, nh = _size(act_dtype), spec.hidden_size, spec.intermediate_size, spec.num_heads
+    kv = spec.num_kv_heads * spec.head_dim
     full = method == "full"
     shapes = spec.linear_shapes()
     t = set(LLAMA_LINEARS) if full else set(targets)
@@ -220,7 +222,7 @@ def activation_bytes(spec: ModelSpec, method: str, batch_size: int, seq_len: int
 
     def block(input_requires_grad: bool) -> int:
         # With LoRA the first block's input (the frozen embedding) needs no gradient.
-        attn = 4 * a * d + 4 * nh
+        attn = 2 * a * d + 2 * a * kv + 4 * nh  # q, output; k, v (not repeated); log-sum-exp
         mlp = 3 * a * f  # gate output (for silu), silu(gate) and up output (for the product)
         return (norm(input_requires_grad) + norm(True) + linear_in(("q_proj", "k_proj", "v_proj")) + linear_in(("o_proj",))
                 + linear_in(("gate_proj", "up_proj")) + linear_in(("down_proj",)) + attn + mlp)
