@@ -90,13 +90,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate adjacent pairs `(x[..., 2i], x[..., 2i+1])` by the angles in cos/sin.
 
     Args:
-        x: (B, H, T, head_dim).
-        cos, sin: (B, 1, T, head_dim // 2), already gathered at each token's position.
+        x: (B, T, H, head_dim).
+        cos, sin: (B, T, 1, head_dim // 2), already gathered at each token's position.
     """
     xf = upcast(x)
-    x1, x2 = xf[..., 0::2], xf[..., 1::2]  # (B, H, T, head_dim/2) each
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, H, T, hd/2, 2)
-    return out.flatten(-2).to(x.dtype)  # (B, H, T, head_dim): pairs back in adjacent slots
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]  # (B, T, H, head_dim/2) each
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, T, H, hd/2, 2)
+    return out.flatten(-2).to(x.dtype)  # (B, T, H, head_dim): pairs back in adjacent slots
 
 
 class Attention(nn.Module):
@@ -114,10 +114,13 @@ class Attention(nn.Module):
         """x: (B, T, dim); cos/sin: (B, 1, T, head_dim/2); mask: None (causal) or a
         boolean (B, 1, T, S) of allowed keys; cache: a `KVCache` or None."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, hd/2)
+        # RoPE before the head transpose: q stays (B, T, H, hd) in memory, so attention's output
+        # does too, and the reshape for o_proj below is a view, not a second saved copy.
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)  # (B, T, H, hd)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # (B, T, Hkv, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, S, hd): all keys so far
         # enable_gqa: query head h reads kv head h // (H / Hkv) without repeating k and v

@@ -194,7 +194,8 @@ def activation_bytes(spec: ModelSpec, method: str, batch_size: int, seq_len: int
       LoRA dropout adds its output and a one-byte mask per target;
     - attention (scaled_dot_product_attention with grouped-query heads, no T x T
       matrix): q and the output (d each), k and v (num_kv_heads * head_dim each, not
-      repeated per query head) and a log-sum-exp per head;
+      repeated per query head) and a log-sum-exp per head; o_proj's input is a view of
+      the attention output, so it costs nothing more;
     - SwiGLU: gate and up outputs and silu(gate) (3 x intermediate); the product is
       down_proj's input, counted with the linear layers;
     - outside the blocks: the RoPE tables gathered at each position, the final norm,
@@ -210,12 +211,13 @@ def activation_bytes(spec: ModelSpec, method: str, batch_size: int, seq_len: int
     t = set(LLAMA_LINEARS) if full else set(targets)
     drop = 0.0 if full or dropout == 0 else 1.0
 
-    def linear_in(names) -> int:  # input of linears sharing one input tensor, + LoRA extras
+    def linear_in(names, input_saved_already: bool = False) -> int:
+        """Input of linears sharing one input tensor, + LoRA extras (lora_A output, dropout)."""
         hit = [n for n in names if n in t]
         if not hit:
             return 0
         per = 0 if full else sum(r * a + drop * (a + 1) * shapes[n][1] for n in hit)
-        return a * shapes[hit[0]][1] + int(per)
+        return (0 if input_saved_already else a * shapes[hit[0]][1]) + int(per)
 
     def norm(input_requires_grad: bool) -> int:
         return (4 * d + 4 if input_requires_grad or full else 0) + (4 * d if full else 0)
@@ -224,7 +226,7 @@ def activation_bytes(spec: ModelSpec, method: str, batch_size: int, seq_len: int
         # With LoRA the first block's input (the frozen embedding) needs no gradient.
         attn = 2 * a * d + 2 * a * kv + 4 * nh  # q, output; k, v (not repeated); log-sum-exp
         mlp = 3 * a * f  # gate output (for silu), silu(gate) and up output (for the product)
-        return (norm(input_requires_grad) + norm(True) + linear_in(("q_proj", "k_proj", "v_proj")) + linear_in(("o_proj",))
+        return (norm(input_requires_grad) + norm(True) + linear_in(("q_proj", "k_proj", "v_proj")) + linear_in(("o_proj",), input_saved_already=True)
                 + linear_in(("gate_proj", "up_proj")) + linear_in(("down_proj",)) + attn + mlp)
 
     per_token_layers = block(False) + (spec.num_layers - 1) * block(True)
