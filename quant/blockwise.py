@@ -43,6 +43,7 @@ QUANT_TYPES = ("nf4", "fp4", "int4")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LUT_BINS = 65536  # bins of bitsandbytes' 8-bit lookup table
 CHUNK = 2**18  # elements per step of the 4-bit loops: temporaries of ~1 MB stay in cache
+POOL_MIN_CHUNKS_PER_THREAD = 4  # fewer chunks than this per thread: no thread pool (measured on 2 cores)
 
 
 def check_blocksize(blocksize: int, name: str = "blocksize") -> int:
@@ -90,7 +91,7 @@ def _for_chunks(step: Callable[[int, int], None], full: int, blocksize: int, dev
     depend on the chunking).
 
     On the CPU, chunks of ~CHUNK elements keep the temporaries in cache, and with T > 1
-    torch threads the chunks run on T Python threads with single-threaded torch ops
+    torch threads and at least 4 T chunks, the chunks run on T Python threads with single-threaded torch ops
     (the ops release the GIL): this avoids one thread barrier per op per chunk, which on
     a loaded machine costs more than the work. The global thread count is restored after.
     On other devices, and under torch.compile, the whole range is one step.
@@ -103,7 +104,9 @@ def _for_chunks(step: Callable[[int, int], None], full: int, blocksize: int, dev
     chunk = max(blocksize, CHUNK // blocksize * blocksize)
     bounds = [(start, min(start + chunk, full)) for start in range(0, full, chunk)]
     threads = torch.get_num_threads()
-    if threads == 1 or len(bounds) == 1:
+    # A pool (and the thread-count switch around it) costs about a millisecond: worth it
+    # for big weights only. Small ones, a model's usual layers, run their chunks in turn.
+    if threads == 1 or len(bounds) < POOL_MIN_CHUNKS_PER_THREAD * threads:
         for start, stop in bounds:
             step(start, stop)
         return
@@ -312,9 +315,15 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState,
     full = n - n % bs
 
     def step(start: int, stop: int) -> None:
+        scale = absmax[start // bs: stop // bs].unsqueeze(1)  # (nb, 1)
+        if dtype == torch.float32:  # gather the level pairs straight into the output, scale in place
+            dst = out[start:stop].view(torch.int64)  # (m,): 8 bytes = two float32 levels; start is even
+            torch.index_select(table, 0, flat[start // 2: stop // 2].int(), out=dst)
+            dst.view(torch.float32).view(-1, bs).mul_(scale)
+            return
         values = _levels(table, flat[start // 2: stop // 2]).view(-1, bs)  # (nb, bs) float32
         # float32 product, rounded once to dtype on the write (bitsandbytes' order of operations)
-        torch.mul(values, absmax[start // bs: stop // bs].unsqueeze(1), out=out[start:stop].view(-1, bs))
+        torch.mul(values, scale, out=out[start:stop].view(-1, bs))
 
     _for_chunks(step, full, bs, packed.device)
     if full < n:
