@@ -8,7 +8,8 @@ fixed number of tokens per step, once with this project (`examples/llama.py` +
 Each (provider, method) runs in its own process so that its peak memory is its own.
 Measured per step:
 - peak tensor bytes: weights + gradients + optimizer states (counted from the real
-  tensors after a step) + the activations autograd saved (saved-tensor hooks);
+  tensors after a step, bitsandbytes' quantization state included) + the activations
+  autograd saved (saved-tensor hooks);
 - peak process RSS during training (the peak is reset after loading the model);
 - tokens per second over the timed steps.
 The memory estimator (`lora.memory.estimate`) is printed next to the measurement.
@@ -104,6 +105,24 @@ def _swap_bnb_linear4bit(model) -> None:
                 setattr(parent, name, q.to("cpu"))
 
 
+def _bnb_state_bytes(model) -> int:
+    """bitsandbytes keeps a 4-bit weight's absmax, nested absmax, offset and code books in a
+    `quant_state` object, not in parameters or buffers: count them with the weights."""
+    total, seen = 0, set()
+    for m in model.modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if qs is None:
+            continue
+        tensors = [qs.absmax, qs.code, getattr(qs, "offset", None)]
+        if getattr(qs, "state2", None) is not None:
+            tensors += [qs.state2.absmax, qs.state2.code]
+        for t in tensors:
+            if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
+    return total
+
+
 def worker(provider: str, method: str, steps: int, batch: int, seq: int, r: int) -> dict:
     """Load, train `steps` steps (after one warm-up step), measure; runs in its own process."""
     from lora.memory import estimate, saved_activation_bytes, tensor_bytes
@@ -138,6 +157,7 @@ def worker(provider: str, method: str, steps: int, batch: int, seq: int, r: int)
     opt.step()
     del loss
     held = tensor_bytes(model, opt)
+    held["weights"] += _bnb_state_bytes(model)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
