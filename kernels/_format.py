@@ -89,6 +89,17 @@ def scale_args(state: QuantState) -> tuple:
 
 
 @triton.jit
+def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+    """Program id -> (row tile, column tile) in grouped order (Triton tutorial 03): GROUP_M
+    consecutive programs take consecutive row tiles of one column tile, so they share it in L2."""
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_n)) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
 def decode_bytes(code_ptr, packed_bytes):
     """(R, C) uint8 codes -> (R, 2C) float32 levels, element 2i from the high nibble of byte i."""
     b = packed_bytes.to(tl.int32)

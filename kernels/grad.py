@@ -16,6 +16,7 @@ from quant.state import QuantState
 
 from ._format import (
     dot_acc,
+    grouped_tile,
     load_weight_codes,
     load_weight_scales,
     scale_args,
@@ -37,10 +38,7 @@ def _grad_input_kernel(gy_ptr, packed_ptr, code_ptr, absmax_ptr, nested_code_ptr
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_k = tl.cdiv(K, BLOCK_K)
-    first_m = (pid // (GROUP_M * num_k)) * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_k)) % group_size
-    pid_k = (pid % (GROUP_M * num_k)) // group_size
+    pid_m, pid_k = grouped_tile(pid, num_m, num_k, GROUP_M)  # row tiles share each W tile in L2
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_nn = tl.arange(0, BLOCK_N)

@@ -26,6 +26,7 @@ from ._format import (
     ACT_DTYPES,
     check_state,
     dot_acc,
+    grouped_tile,
     load_weight_codes,
     load_weight_scales,
     scale_args,
@@ -99,10 +100,7 @@ def _gemm_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, nested_code_ptr, neste
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
-    group_size = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_n)) // group_size
+    pid_m, pid_n = grouped_tile(pid, num_m, num_n, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
