@@ -24,7 +24,6 @@ import inspect
 import json
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from llama import Llama, LlamaConfig  # noqa: E402
 
 import lora.qlora  # noqa: E402,F401  (registers QLoRALinear as the LoRA wrapper of quant.LinearNF4)
 from lora import LoRAConfig, apply_lora, save_adapter, trainable_parameters  # noqa: E402
+from lora.files import atomic_write  # noqa: E402
 from quant import quantize_model  # noqa: E402
 
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -223,10 +223,7 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: str = "c
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
 
 
 def main(argv=None) -> int:
