@@ -134,7 +134,7 @@ def bench_dequant(b: Bench, n: int, k: int, weights, copy_gbs: float) -> None:
     shape = f"{n}x{k}"
     b.add("loralab-triton", shape, "dequant_time", ms, "ms")
     b.add("loralab-triton", shape, "dequant_bandwidth", gbs, "GB/s")
-    b.add("loralab-triton", shape, "dequant_copy_fraction", gbs / copy_gbs, "ratio")
+    b.add("loralab-triton", shape, "dequant_copy_fraction", gbs / copy_gbs, "x")
     print(f"dequant {shape}: {ms * 1e3:.1f} us, {gbs:.0f} GB/s = {gbs / copy_gbs:.2f} x copy")
 
 
@@ -159,8 +159,8 @@ def bench_gemv(b: Bench, n: int, k: int, weights, w_bf16) -> None:
             shape = f"M{m}x{n}x{k}"
             for prov, ms in (("loralab-triton", ours), ("torch-bf16", bf16), ("dequant+matmul", deq)):
                 b.add(prov, shape, "gemv_time", ms, "ms")
-            b.add("loralab-triton", shape, "gemv_speedup_vs_bf16", bf16 / ours, "ratio")
-            b.add("loralab-triton", shape, "gemv_speedup_vs_dequant_matmul", deq / ours, "ratio")
+            b.add("loralab-triton", shape, "gemv_speedup_vs_bf16", bf16 / ours, "x")
+            b.add("loralab-triton", shape, "gemv_speedup_vs_dequant_matmul", deq / ours, "x")
             gbs = (n * k // 2 + n * k // 64 * 1.06) / ours / 1e6
             b.add("loralab-triton", shape, "gemv_weight_bandwidth", gbs, "GB/s")
             print(f"gemv {shape}: ours {ours * 1e3:.1f} us ({gbs:.0f} GB/s), bf16 {bf16 * 1e3:.1f} us, "
@@ -177,7 +177,7 @@ def bench_gemm(b: Bench, n: int, k: int, weights, w_bf16) -> None:
             for prov, ms in (("loralab-triton", ours), ("torch-bf16", bf16), ("dequant+matmul", deq)):
                 b.add(prov, shape, "gemm_time", ms, "ms")
                 b.add(prov, shape, "gemm_tflops", 2 * m * n * k / ms / 1e9, "TFLOP/s")
-            b.add("loralab-triton", shape, "gemm_ratio_vs_bf16", bf16 / ours, "ratio")
+            b.add("loralab-triton", shape, "gemm_ratio_vs_bf16", bf16 / ours, "x")
             print(f"gemm {shape}: ours {ours:.3f} ms ({2 * m * n * k / ours / 1e9:.0f} TFLOP/s), "
                   f"bf16 {bf16:.3f} ms, dequant+matmul {deq:.3f} ms -> {bf16 / ours:.2f}x of bf16")
         b.run(f"gemm M={m} {n}x{k}", one)
@@ -229,7 +229,7 @@ def bench_qlora(b: Bench, n: int, k: int, weights) -> None:
             b.add(name, shape, "qlora_fwd_bwd_time", ms, "ms")
         ours = times["loralab-triton"]
         for name in ("dequant(triton)+matmul", "dequant(torch)+matmul"):
-            b.add("loralab-triton", shape, f"qlora_speedup_vs_{name}", times[name] / ours, "ratio")
+            b.add("loralab-triton", shape, f"qlora_speedup_vs_{name}", times[name] / ours, "x")
         print(f"qlora fwd+bwd {shape}: " + ", ".join(f"{k_} {v:.3f} ms" for k_, v in times.items())
               + f" -> {times['dequant(triton)+matmul'] / ours:.2f}x vs dequant(triton)+matmul, "
               f"{times['dequant(torch)+matmul'] / ours:.2f}x vs dequant(torch)+matmul")
