@@ -24,12 +24,14 @@ this module there), and it returns shape (1, n) for 1-D weights.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
 
+from . import native
 from .codes import dynamic_map_8bit, get_code
 from .packing import unpack_nibbles
 from .search import nearest_codes
@@ -291,32 +293,54 @@ def _levels(table: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, packed.int()).view(torch.float32)  # (m,) int64 -> (2m,) float32
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState,
-                    dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Inverse of `quantize_4bit`: `code[q] * absmax[block]`, computed in float32.
+IMPLS = ("auto", "native", "torch")
 
-    Args:
-        packed: `uint8` codes, `(n + 1) // 2` bytes in any shape (bitsandbytes uses `(n // 2, 1)`).
-        state: the `QuantState` returned with them.
-        dtype: output dtype; default `state.dtype`.
 
-    Returns:
-        Tensor of `state.shape` and `dtype`.
-    """
-    check_packed(packed, state)
-    dtype = state.dtype if dtype is None else dtype
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    n, bs = state.numel, state.blocksize
-    absmax = state_absmax(state)
-    table = _pair_table(state.code.to(device=packed.device, dtype=torch.float32))  # (256,) int64
-    flat = packed.reshape(-1)  # (n_bytes,)
-    out = torch.empty(n, dtype=dtype, device=packed.device)
-    full = n - n % bs
+def _use_native(packed: torch.Tensor, impl: str) -> bool:
+    """Whether the C loop (quant/native.py) dequantizes the full blocks: "auto" picks it for
+    CPU tensors outside torch.compile (which traces the PyTorch path) when it is built."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "torch":
+        return False
+    usable = packed.device.type == "cpu" and not torch.compiler.is_compiling()
+    if impl == "native":
+        if not usable or not native.available():
+            raise RuntimeError("impl='native' needs a CPU tensor outside torch.compile and the C "
+                               f"dequantizer ({native.reason()})")
+        return True
+    return usable and native.available()
+
+
+def _float32_code(state: QuantState) -> QuantState:
+    """`state` itself, or a copy whose code books are contiguous float32 (what the C loop reads)."""
+    ok = [t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in (state.code, state.nested_code)]
+    if all(ok):
+        return state
+    return dataclasses.replace(state, code=state.code.float().contiguous(),
+                               nested_code=None if state.nested_code is None else state.nested_code.float().contiguous())
+
+
+def _code32(state: QuantState, device: torch.device) -> torch.Tensor:
+    return state.code.to(device=device, dtype=torch.float32)
+
+
+def _last_absmax(state: QuantState) -> torch.Tensor:
+    """The float32 absmax of the last block alone (`state_absmax(state)[-1]`, same arithmetic)."""
+    if not state.double_quant:
+        return state.absmax[-1].float()
+    last = dequantize_blockwise_8bit(state.absmax[-1:], state.nested_absmax[-1:], state.nested_code,
+                                     state.nested_blocksize)  # (1,)
+    return last[0] + state.offset.float()
+
+
+def _dequantize_full_torch(flat: torch.Tensor, absmax: torch.Tensor, table: torch.Tensor,
+                           out: torch.Tensor, full: int, bs: int) -> None:
+    """The PyTorch path for the first `full` elements (whole blocks), in chunks."""
 
     def step(start: int, stop: int) -> None:
         scale = absmax[start // bs: stop // bs].unsqueeze(1)  # (nb, 1)
-        if dtype == torch.float32:  # gather the level pairs straight into the output, scale in place
+        if out.dtype == torch.float32:  # gather the level pairs straight into the output, scale in place
             dst = out[start:stop].view(torch.int64)  # (m,): 8 bytes = two float32 levels; start is even
             torch.index_select(table, 0, flat[start // 2: stop // 2].int(), out=dst)
             dst.view(torch.float32).view(-1, bs).mul_(scale)
@@ -325,10 +349,61 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState,
         # float32 product, rounded once to dtype on the write (bitsandbytes' order of operations)
         torch.mul(values, scale, out=out[start:stop].view(-1, bs))
 
-    _for_chunks(step, full, bs, packed.device)
-    if full < n:
-        values = _levels(table, flat[full // 2:])[: n - full]  # (n - full,)
-        out[full:] = values * absmax[-1]
+    _for_chunks(step, full, bs, flat.device)
+
+
+def _check_out(out: torch.Tensor, n: int, dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"out has dtype {out.dtype}, but dtype is {dtype}")
+    if out.numel() != n or not out.is_contiguous() or out.device != device:
+        raise ValueError(f"out must be a contiguous tensor of {n} elements on {device}, "
+                         f"got shape {tuple(out.shape)} on {out.device}"
+                         f"{'' if out.is_contiguous() else ' (not contiguous)'}")
+
+
+def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None,
+                    impl: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of `quantize_4bit`: `code[q] * absmax[block]`, computed in float32.
+
+    Args:
+        packed: `uint8` codes, `(n + 1) // 2` bytes in any shape (bitsandbytes uses `(n // 2, 1)`).
+        state: the `QuantState` returned with them.
+        dtype: output dtype; default out's dtype, else `state.dtype`.
+        impl: "auto" (the one-pass C loop of `quant.native` on the CPU when it is built,
+            else PyTorch), "native" (the C loop, or an error) or "torch" (PyTorch ops only).
+            All give the same bits.
+        out: optional contiguous tensor of `state.numel` elements (any shape) on packed's
+            device to write into, as bitsandbytes' `out=`; its dtype is the output dtype.
+            Reusing one buffer saves allocating (and page-faulting) a new weight per call.
+
+    Returns:
+        Tensor of `state.shape` and `dtype` (a view of `out` when given).
+    """
+    check_packed(packed, state)
+    if dtype is None:
+        dtype = out.dtype if isinstance(out, torch.Tensor) else state.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    n, bs = state.numel, state.blocksize
+    if out is None:
+        out = torch.empty(n, dtype=dtype, device=packed.device)
+    else:
+        _check_out(out, n, dtype, packed.device)
+        out = out.view(-1)
+    flat = packed.reshape(-1)  # (n_bytes,)
+    full = n - n % bs
+    if _use_native(packed, impl):  # the same arithmetic in one pass of C, absmax included
+        native.dequantize_blocks(flat.contiguous(), _float32_code(state), out, full // bs)
+        last_absmax = _last_absmax(state) if full < n else None
+    else:
+        absmax = state_absmax(state)
+        _dequantize_full_torch(flat, absmax, _pair_table(_code32(state, packed.device)), out, full, bs)
+        last_absmax = absmax[-1]
+    if full < n:  # the last, partial block
+        values = _levels(_pair_table(_code32(state, packed.device)), flat[full // 2:])[: n - full]
+        out[full:] = values * last_absmax  # (n - full,)
     return out.view(state.shape)
 
 
