@@ -6,12 +6,15 @@ fixed number of tokens per step, once with this project (`examples/llama.py` +
 `Linear4bit` for QLoRA), loaded from the same GGUF file, in the same run.
 
 Each (provider, method) runs in its own process so that its peak memory is its own.
-Measured per step:
+Throughput is then measured once more per method with both providers' models in one
+process, their steps alternating (`--rounds`), because two processes a minute apart on a
+shared machine differ by 10-20% on their own. Measured:
 - peak tensor bytes: weights + gradients + optimizer states (counted from the real
   tensors after a step, bitsandbytes' quantization state included) + the activations
   autograd saved (saved-tensor hooks);
 - peak process RSS during training (the peak is reset after loading the model);
-- tokens per second over the timed steps.
+- tokens per second: tokens per step / the median step time (alternating process; the
+  per-process figure when only one provider runs).
 The memory estimator (`lora.memory.estimate`) is printed next to the measurement.
 
     python benchmarks/training.py            # about 3-5 minutes on 2 cores
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -123,10 +127,8 @@ def _bnb_state_bytes(model) -> int:
     return total
 
 
-def worker(provider: str, method: str, steps: int, batch: int, seq: int, r: int) -> dict:
-    """Load, train `steps` steps (after one warm-up step), measure; runs in its own process."""
-    from lora.memory import estimate, saved_activation_bytes, tensor_bytes
-
+def _setup(provider: str, method: str, batch: int, seq: int, r: int):
+    """The model, its trainable parameters, AdamW, the loss and one training step."""
     torch.manual_seed(0)
     model, logits_fn = (_load_loralab if provider == "loralab" else _load_hf)(method, r)
     model.train()
@@ -149,6 +151,38 @@ def worker(provider: str, method: str, steps: int, batch: int, seq: int, r: int)
         opt.step()
         return loss
 
+    return model, params, opt, loss_fn, step
+
+
+def duel(method: str, rounds: int, batch: int, seq: int, r: int) -> dict:
+    """Both providers' models in one process, their steps alternating (in a shuffled order
+    per round): the throughput ratio then sees the same machine state on both sides,
+    which separate processes a minute apart do not. Median step time per provider."""
+    import random
+
+    steps = {prov: _setup(prov, method, batch, seq, r)[4] for prov in PROVIDERS}
+    for step in steps.values():  # warm-up
+        step()
+    times: dict[str, list[float]] = {prov: [] for prov in PROVIDERS}
+    order = random.Random(0)
+    for _ in range(rounds):
+        provs = list(PROVIDERS)
+        order.shuffle(provs)
+        for prov in provs:
+            t0 = time.perf_counter()
+            steps[prov]()
+            times[prov].append(time.perf_counter() - t0)
+    med = {prov: statistics.median(ts) for prov, ts in times.items()}
+    return {"method": method, "step_times": times,
+            "tokens_per_s": {prov: batch * seq / t for prov, t in med.items()}}
+
+
+def worker(provider: str, method: str, steps: int, batch: int, seq: int, r: int) -> dict:
+    """Load, train `steps` steps (after one warm-up step), measure; runs in its own process."""
+    from lora.memory import estimate, saved_activation_bytes, tensor_bytes
+
+    model, params, opt, loss_fn, step = _setup(provider, method, batch, seq, r)
+
     import gc
     gc.collect()
     _reset_peak_rss()
@@ -158,13 +192,15 @@ def worker(provider: str, method: str, steps: int, batch: int, seq: int, r: int)
     del loss
     held = tensor_bytes(model, opt)
     held["weights"] += _bnb_state_bytes(model)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(steps):
+        t0 = time.perf_counter()
         step()
-    dt = time.perf_counter() - t0
+        times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)  # one slow step (another process woke up) does not count
     trainable = sum(p.numel() for p in params)
-    out = {"provider": provider, "method": method, "tokens_per_s": batch * seq * steps / dt,
-           "s_per_step": dt / steps, "activations": saved, **held,
+    out = {"provider": provider, "method": method, "tokens_per_s": batch * seq / dt,
+           "s_per_step": dt, "step_times": times, "activations": saved, **held,
            "peak_tensor_bytes": sum(held.values()) + saved, "peak_rss": _peak_rss(),
            "trainable_params": trainable}
     if provider == "loralab":
@@ -193,6 +229,23 @@ def run_all(args) -> list[dict]:
             print(f"  {res['tokens_per_s']:.0f} tokens/s, peak tensors "
                   f"{res['peak_tensor_bytes'] / 2**20:.0f} MiB, peak RSS {res['peak_rss'] / 2**20:.0f} MiB")
             results.append(res)
+    if set(args.providers) == set(PROVIDERS) and args.rounds > 0:
+        for method in args.methods:
+            cmd = [sys.executable, __file__, "--duel", method, "--rounds", str(args.rounds),
+                   "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--r", str(args.r)]
+            print(f"[duel / {method}] both providers in one process, {args.rounds} alternating rounds ...",
+                  flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                print(f"  failed:\n{proc.stderr[-2000:]}")
+                continue
+            res = json.loads(lines[-1])
+            tps = res["tokens_per_s"]
+            print("  " + ", ".join(f"{p} {v:.0f} tokens/s" for p, v in tps.items()))
+            for r_ in results:
+                if r_["method"] == method:
+                    r_["duel_tokens_per_s"] = tps[r_["provider"]]
     return results
 
 
@@ -201,7 +254,8 @@ def report(results: list[dict], args) -> None:
     rows = []
     for res in results:
         p = f"{res['provider']}-{res['method']}"
-        rows += [make_row("training", p, shape, "tokens_per_s", round(res["tokens_per_s"], 2), "tokens/s"),
+        tps = res.get("duel_tokens_per_s", res["tokens_per_s"])
+        rows += [make_row("training", p, shape, "tokens_per_s", round(tps, 2), "tokens/s"),
                  make_row("training", p, shape, "peak_tensor_bytes", res["peak_tensor_bytes"], "B"),
                  make_row("training", p, shape, "peak_rss", res["peak_rss"], "B"),
                  make_row("training", p, shape, "trainable_params", res["trainable_params"], "count")]
@@ -209,15 +263,18 @@ def report(results: list[dict], args) -> None:
     print("\n| method | provider | tokens/s | peak tensors (MiB) | peak RSS (MiB) | trainable |")
     print("|---|---|---:|---:|---:|---:|")
     for (prov, m), res in sorted(by.items(), key=lambda kv: (METHODS.index(kv[0][1]), kv[0][0])):
-        print(f"| {m} | {prov} | {res['tokens_per_s']:.0f} | {res['peak_tensor_bytes'] / 2**20:.1f} | "
+        print(f"| {m} | {prov} | {res.get('duel_tokens_per_s', res['tokens_per_s']):.0f} | "
+              f"{res['peak_tensor_bytes'] / 2**20:.1f} | "
               f"{res['peak_rss'] / 2**20:.0f} | {res['trainable_params']:,} |")
     print("\nloralab / hf-peft ratios (throughput: higher is better; memory: lower is better)")
     for m in args.methods:
         a, b = by.get(("loralab", m)), by.get(("hf-peft", m))
         if a and b:
-            tps = a["tokens_per_s"] / b["tokens_per_s"]
+            key = "duel_tokens_per_s" if "duel_tokens_per_s" in a and "duel_tokens_per_s" in b else "tokens_per_s"
+            tps = a[key] / b[key]
             mem = a["peak_tensor_bytes"] / b["peak_tensor_bytes"]
-            print(f"  {m}: tokens/s x{tps:.2f}, peak tensor memory x{mem:.2f}")
+            how = "same process, alternating steps" if key == "duel_tokens_per_s" else "separate processes"
+            print(f"  {m}: tokens/s x{tps:.2f} ({how}), peak tensor memory x{mem:.2f}")
             rows += [make_row("training", f"loralab/hf-peft-{m}", shape, "tokens_per_s_ratio", round(tps, 3), "x"),
                      make_row("training", f"loralab/hf-peft-{m}", shape, "peak_tensor_ratio", round(mem, 3), "x")]
         if a and "estimate_total" in a:
@@ -252,7 +309,10 @@ def _plot(results: list[dict], path: Path) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worker", nargs=2, metavar=("PROVIDER", "METHOD"))
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--duel", metavar="METHOD")
+    p.add_argument("--rounds", type=int, default=7,
+                   help="alternating steps per provider in the throughput process (0: none)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps of each memory process")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--r", type=int, default=16)
@@ -263,6 +323,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     if args.worker:
         print(json.dumps(worker(*args.worker, args.steps, args.batch_size, args.seq_len, args.r)))
+        return 0
+    if args.duel:
+        print(json.dumps(duel(args.duel, args.rounds, args.batch_size, args.seq_len, args.r)))
         return 0
     report(run_all(args), args)
     return 0

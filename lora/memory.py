@@ -139,13 +139,19 @@ def nf4_storage_bytes(numel: int, blocksize: int = 64, double_quant: bool = True
     Packed codes: 4 bits each. Absmax: one fp32 per block (32 / blocksize bits per
     parameter: 0.5 at blocksize 64), or with double quantization one uint8 per block
     plus one fp32 per 256 blocks and the fp32 mean (QLoRA sec. 3: 8/64 + 32/(64*256)
-    = 0.127 bits). The 16-entry code and the 256-entry nested code are fp32 tables.
+    = 0.127 bits). The code books are shared by all weights: `code_book_bytes`, once.
     """
     nblocks = math.ceil(numel / blocksize)
-    n = (numel + 1) // 2 + 16 * 4
+    n = (numel + 1) // 2
     if double_quant:
-        return n + nblocks + 4 * math.ceil(nblocks / 256) + 4 + 256 * 4
+        return n + nblocks + 4 * math.ceil(nblocks / 256) + 4
     return n + 4 * nblocks
+
+
+def code_book_bytes(double_quant: bool = True) -> int:
+    """The float32 code books a quantized model holds once, whatever its size: the 16 NF4
+    levels, and with double quantization the 256-entry dynamic 8-bit map."""
+    return 16 * 4 + (256 * 4 if double_quant else 0)
 
 
 def _dtype(x) -> torch.dtype:
@@ -253,7 +259,7 @@ def _estimate_from_spec(spec: ModelSpec, method, r, targets, weight_dtype, adapt
     details = {}
     if method == "qlora":
         q = spec.num_layers * sum(nf4_storage_bytes(o * i, blocksize, double_quant)
-                                  for o, i in shapes.values())
+                                  for o, i in shapes.values()) + code_book_bytes(double_quant)
         weights += q - spec.num_layers * sum(o * i for o, i in shapes.values()) * wsize
         details["nf4_base"] = q
     return (weights, trainable * asize, _optimizer_bytes(optimizer, lora), trainable,
@@ -288,6 +294,7 @@ def _estimate_from_model(model: nn.Module, method, r, target_modules, weight_dty
     weights = total * wsize + buf_bytes + trainable * asize
     details = {}
     if method == "qlora":
+        q += code_book_bytes(double_quant)
         weights += q - target_numel * wsize
         details["nf4_base"] = q
     return (weights, trainable * asize, _optimizer_bytes(optimizer, lora), trainable,

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from . import native
-from .codes import dynamic_map_8bit, get_code
+from .codes import dynamic_map_8bit, shared_code
 from .packing import unpack_nibbles
 from .search import nearest_codes
 from .state import QuantState
@@ -237,7 +237,7 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
         if codes.numel() % 2:  # odd n: the pad nibble codes 0.0, as bitsandbytes
             codes = torch.cat([codes, nearest_codes(codes.new_zeros(1, dtype=torch.float32), quant_type)])
         _pack_into(codes, packed[full // 2:])
-    code = get_code(quant_type).to(w.device)
+    code = shared_code(quant_type, w.device)
     state = QuantState(absmax=absmax, shape=w.shape, dtype=w.dtype, blocksize=blocksize,
                        quant_type=quant_type, code=code)
     if double_quant:
@@ -247,7 +247,7 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
         state.absmax = qabsmax
         state.offset = offset
         state.nested_absmax = nested_absmax
-        state.nested_code = dynamic_map_8bit().to(w.device)
+        state.nested_code = shared_code("dynamic8", w.device)
         state.nested_blocksize = NESTED_BLOCKSIZE
     return packed, state
 

@@ -133,3 +133,20 @@ def get_code(quant_type: str) -> torch.Tensor:
     if quant_type not in CODE_BOOKS:
         raise ValueError(f"quant_type must be one of {sorted(CODE_BOOKS)}, got {quant_type!r}")
     return CODE_BOOKS[quant_type]()
+
+
+_SHARED: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def shared_code(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """One float32 code book per (`quant_type`, device), shared by every quantized weight on
+    that device: "nf4", "fp4", "int4" (16 levels) or "dynamic8" (the 256-entry nested map
+    of double quantization). Layers hold this same tensor, so a model pays for each code
+    book once, as with bitsandbytes. Read-only by contract: never modify it in place.
+    """
+    device = torch.device(device)
+    key = (quant_type, str(device))
+    if key not in _SHARED:
+        code = dynamic_map_8bit() if quant_type == "dynamic8" else get_code(quant_type)
+        _SHARED[key] = code.to(device)
+    return _SHARED[key]

@@ -24,7 +24,7 @@ from .blockwise import (
     dequantize_4bit,
     quantize_4bit,
 )
-from .codes import dynamic_map_8bit, get_code
+from .codes import shared_code
 from .state import QuantState
 
 
@@ -111,7 +111,8 @@ class LinearNF4(nn.Module):
         compute_dtype: dtype of the matmul: bfloat16 (default, QLoRA's) or float32/float16.
 
     Buffers: `weight_packed` ((n + 1) // 2,) uint8, `absmax`, and with double quantization
-    `offset`, `nested_absmax`; non-persistent `code`, `nested_code` (constants).
+    `offset`, `nested_absmax`; non-persistent `code`, `nested_code`: the code books, one
+    tensor per device shared by every layer (`quant.codes.shared_code`).
     Shapes: x (..., in_features) -> (..., out_features), in x's dtype.
     """
 
@@ -146,11 +147,11 @@ class LinearNF4(nn.Module):
         packed, state = quantize_4bit(weight, self.quant_type, self.blocksize, self.double_quant)
         self.register_buffer("weight_packed", packed)
         self.register_buffer("absmax", state.absmax)
-        self.register_buffer("code", state.code, persistent=False)
+        self.register_buffer("code", shared_code(self.quant_type, packed.device), persistent=False)
         if self.double_quant:
             self.register_buffer("offset", state.offset)
             self.register_buffer("nested_absmax", state.nested_absmax)
-            self.register_buffer("nested_code", state.nested_code, persistent=False)
+            self.register_buffer("nested_code", shared_code("dynamic8", packed.device), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
@@ -178,7 +179,7 @@ class LinearNF4(nn.Module):
     def quant_state(self) -> QuantState:
         """The `QuantState` of the weight, built from the buffers (shares their storage)."""
         device = self.weight_packed.device
-        code = self.code if self.code.device == device else get_code(self.quant_type).to(device)
+        code = self.code if self.code.device == device else shared_code(self.quant_type, device)
         state = QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
                            dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
                            code=code)
@@ -186,7 +187,7 @@ class LinearNF4(nn.Module):
             state.offset = self.offset
             state.nested_absmax = self.nested_absmax
             state.nested_code = self.nested_code if self.nested_code.device == device \
-                else dynamic_map_8bit().to(device)
+                else shared_code("dynamic8", device)
             state.nested_blocksize = NESTED_BLOCKSIZE
         return state
 
@@ -204,12 +205,17 @@ class LinearNF4(nn.Module):
     def _apply(self, fn, recurse=True):
         # `.half()` / `.to(dtype)` must move, never cast, the float32 absmax and code books:
         # a float16 absmax would change every dequantized value.
+        # The code books stay the one shared tensor of their device (a per-layer copy each).
         keep = {k: b for k, b in self._buffers.items() if b is not None and b.is_floating_point()}
         super()._apply(fn, recurse)
         for name, old in keep.items():
             new = self._buffers[name]
             if new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
+                self._buffers[name] = new = old.to(new.device)
+            if name == "code":
+                self._buffers[name] = shared_code(self.quant_type, new.device)
+            elif name == "nested_code":
+                self._buffers[name] = shared_code("dynamic8", new.device)
         return self
 
     def storage_bytes(self) -> int:
