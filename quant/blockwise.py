@@ -357,6 +357,8 @@ def _check_out(out: torch.Tensor, n: int, dtype: torch.dtype, device: torch.devi
         raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
     if out.dtype != dtype:
         raise TypeError(f"out has dtype {out.dtype}, but dtype is {dtype}")
+    if out.requires_grad:
+        raise ValueError("out must not require grad: dequantize_4bit writes into it in place")
     if out.numel() != n or not out.is_contiguous() or out.device != device:
         raise ValueError(f"out must be a contiguous tensor of {n} elements on {device}, "
                          f"got shape {tuple(out.shape)} on {out.device}"

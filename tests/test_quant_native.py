@@ -147,6 +147,8 @@ def test_out_errors_name_the_argument():
         dequantize_4bit(packed, state, out=torch.empty(511))
     with pytest.raises(ValueError, match="not contiguous"):
         dequantize_4bit(packed, state, out=torch.empty(64, 8).t())
+    with pytest.raises(ValueError, match="out must not require grad"):
+        dequantize_4bit(packed, state, out=torch.empty(512, requires_grad=True))
     with pytest.raises(TypeError, match="out must be a torch.Tensor or None"):
         dequantize_4bit(packed, state, out=[0.0] * 512)
 
