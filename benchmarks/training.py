@@ -212,35 +212,36 @@ def worker(provider: str, method: str, steps: int, batch: int, seq: int, r: int)
     return out
 
 
+def _run_json(mode: list[str], args) -> dict | None:
+    """Run this script in a new process (`mode` + the shared settings); its last JSON line."""
+    cmd = [sys.executable, __file__, *mode, "--batch-size", str(args.batch_size),
+           "--seq-len", str(args.seq_len), "--r", str(args.r)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        print(f"  failed:\n{proc.stderr[-2000:]}")
+        return None
+    return json.loads(lines[-1])
+
+
 def run_all(args) -> list[dict]:
     results = []
     for provider in args.providers:
         for method in args.methods:
-            cmd = [sys.executable, __file__, "--worker", provider, method, "--steps", str(args.steps),
-                   "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-                   "--r", str(args.r)]
             print(f"[{provider} / {method}] ...", flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if proc.returncode != 0 or not lines:
-                print(f"  failed:\n{proc.stderr[-2000:]}")
+            res = _run_json(["--worker", provider, method, "--steps", str(args.steps)], args)
+            if res is None:
                 continue
-            res = json.loads(lines[-1])
             print(f"  {res['tokens_per_s']:.0f} tokens/s, peak tensors "
                   f"{res['peak_tensor_bytes'] / 2**20:.0f} MiB, peak RSS {res['peak_rss'] / 2**20:.0f} MiB")
             results.append(res)
     if set(args.providers) == set(PROVIDERS) and args.rounds > 0:
         for method in args.methods:
-            cmd = [sys.executable, __file__, "--duel", method, "--rounds", str(args.rounds),
-                   "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len), "--r", str(args.r)]
             print(f"[duel / {method}] both providers in one process, {args.rounds} alternating rounds ...",
                   flush=True)
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if proc.returncode != 0 or not lines:
-                print(f"  failed:\n{proc.stderr[-2000:]}")
+            res = _run_json(["--duel", method, "--rounds", str(args.rounds)], args)
+            if res is None:
                 continue
-            res = json.loads(lines[-1])
             tps = res["tokens_per_s"]
             print("  " + ", ".join(f"{p} {v:.0f} tokens/s" for p, v in tps.items()))
             for r_ in results:

@@ -321,10 +321,6 @@ def _float32_code(state: QuantState) -> QuantState:
                                nested_code=None if state.nested_code is None else state.nested_code.float().contiguous())
 
 
-def _code32(state: QuantState, device: torch.device) -> torch.Tensor:
-    return state.code.to(device=device, dtype=torch.float32)
-
-
 def _last_absmax(state: QuantState) -> torch.Tensor:
     """The float32 absmax of the last block alone (`state_absmax(state)[-1]`, same arithmetic)."""
     if not state.double_quant:
@@ -396,16 +392,19 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
         out = out.view(-1)
     flat = packed.reshape(-1)  # (n_bytes,)
     full = n - n % bs
-    if _use_native(packed, impl):  # the same arithmetic in one pass of C, absmax included
+    use_native = _use_native(packed, impl)
+    table = None if use_native and full == n else \
+        _pair_table(state.code.to(device=packed.device, dtype=torch.float32))  # (256,) int64
+    if use_native:  # the same arithmetic in one pass of C, absmax included
         native.dequantize_blocks(flat.contiguous(), _float32_code(state), out, full // bs)
         last_absmax = _last_absmax(state) if full < n else None
     else:
         absmax = state_absmax(state)
-        _dequantize_full_torch(flat, absmax, _pair_table(_code32(state, packed.device)), out, full, bs)
+        _dequantize_full_torch(flat, absmax, table, out, full, bs)
         last_absmax = absmax[-1]
     if full < n:  # the last, partial block
-        values = _levels(_pair_table(_code32(state, packed.device)), flat[full // 2:])[: n - full]
-        out[full:] = values * last_absmax  # (n - full,)
+        values = _levels(table, flat[full // 2:])[: n - full]  # (n - full,)
+        out[full:] = values * last_absmax
     return out.view(state.shape)
 
 

@@ -4,14 +4,15 @@
 scale, round to the output dtype) with a float32 temporary twice the size of a bf16
 result; bitsandbytes' CPU kernel takes one. This module compiles a small C file (no
 Python headers, no build step at install) with the system C compiler into a per-user
-cache, loads it with `ctypes` (which releases the GIL during the call); OpenMP splits the
-blocks among `torch.get_num_threads()` threads. In a process that has imported torch,
-the library's libgomp.so.1 is PyTorch's own (the loader reuses the loaded one), so these
-are the threads PyTorch's ops already keep running; separate Python threads would
-compete with them for the cores. Without OpenMP support the loop runs on one thread. The C loop computes exactly what the
-PyTorch path does (float32 product `code[q] * absmax`, one rounding), so results are
-bit for bit the same; tests/test_quant_native.py checks that for every output dtype.
+cache and loads it with `ctypes`, which releases the GIL during the call. OpenMP splits
+the blocks among `torch.get_num_threads()` threads: in a process that has imported
+torch, the library's libgomp.so.1 is PyTorch's own (the loader reuses the loaded one),
+so these are the threads PyTorch's ops already keep running (separate Python threads
+would compete with them for the cores). Without OpenMP the loop runs on one thread.
 
+The C loop computes exactly what the PyTorch path does (float32 product
+`code[q] * absmax`, one rounding), so results are bit for bit the same;
+tests/test_quant_native.py checks that for every output dtype and both loops.
 Without a C compiler, or with `LORALAB_NATIVE=0` in the environment, `available()` is
 False and `dequantize_4bit` stays on its PyTorch path. `reason()` says why.
 """
@@ -36,8 +37,8 @@ SOURCE = Path(__file__).with_name("csrc") / "dequant4.c"
 CFLAGS = ("-O3", "-shared", "-fPIC", "-std=c11", "-ffp-contract=off")  # no fused multiply-add: exact bits
 OPENMP = ("-fopenmp",)  # tried first; a compiler without it builds the one-thread version
 OUT_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the C enum
-# Below this many elements one thread does the whole weight: handing work to another
-# thread costs tens of microseconds, the loop itself ~0.1 ns per element.
+# Below this many elements one thread does the whole weight: waking the other threads
+# costs microseconds, about what one thread needs for a few thousand blocks.
 PARALLEL_MIN_ELEMENTS = 2**20
 
 _lock = threading.Lock()
