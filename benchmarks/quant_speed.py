@@ -136,8 +136,8 @@ def plot(times: dict, shapes: list[str], path: Path) -> None:
             ys = [times.get((s, name, op), float("nan")) * 1e3 for s in shapes]
             ax.bar([j + i * width for j in range(len(shapes))], ys, width, label=name)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))], shapes)
-        ax.set(title=f"NF4 {titles[op]}", ylabel="ms (median, lower is better)")
-        ax.grid(axis="y", alpha=0.3)
+        ax.set(title=f"NF4 {titles[op]}", ylabel="ms (median, log scale, lower is better)", yscale="log")
+        ax.grid(axis="y", which="both", alpha=0.3)
     axes[0].legend()
     fig.suptitle("bf16 weight, blocksize 64, double quantization; CPU")
     fig.tight_layout()
