@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import functools
 import logging
 import random
 import statistics
@@ -108,12 +109,14 @@ def measure(shape: tuple[int, int], ops: tuple[str, ...], repeat: int,
             order.shuffle(names)
             for name in names:
                 quant, dequant, into = provs[name]
-                q = quantized[name]
-                fn = {"quantize": lambda: quant(w), "dequantize": lambda: dequant(q),  # noqa: B023
-                      "dequantize_recycled": lambda: dequant(q),  # noqa: B023
-                      "dequantize_into": (lambda: into(q, buffers[name])) if into else None}[op]  # noqa: B023
-                if fn is None:
-                    continue
+                if op == "quantize":
+                    fn = functools.partial(quant, w)
+                elif op == "dequantize_into":
+                    if into is None:
+                        continue
+                    fn = functools.partial(into, quantized[name], buffers[name])
+                else:  # dequantize, dequantize_recycled: the same call, another allocator state
+                    fn = functools.partial(dequant, quantized[name])
                 sec = time_cpu(fn, warmup=0, repeat=1)
                 if round_ >= warmup:
                     samples.setdefault((name, op), []).append(sec)
