@@ -14,6 +14,23 @@ INIT_MODES = ("kaiming", "gaussian")
 ALL_LINEAR = "all-linear"
 
 
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")  # one safe path component: names become folder names
+
+
+def check_adapter_name(adapter_name, name: str = "adapter_name") -> str:
+    """An adapter name is one safe path component: `[A-Za-z0-9_-]{1,128}`.
+
+    Adapter names become folder names (`save_adapter` writes `directory/<adapter_name>`)
+    and module-dict keys, so `.`, `/`, `..`, absolute paths and the empty string are refused.
+    """
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"{name} must be a str, got {type(adapter_name).__name__}")
+    if not ADAPTER_NAME.fullmatch(adapter_name):
+        raise ValueError(f"{name} must be 1-128 characters from [A-Za-z0-9_-] (one safe folder name), "
+                         f"got {adapter_name!r}")
+    return adapter_name
+
+
 def check_rank(r) -> int:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r must be a positive int, got {r!r}")
