@@ -14,8 +14,14 @@ counts the bytes. `--modes fsdp` shards the model with FSDP2 (`fully_shard`) ins
 all-gathers the frozen base for each forward/backward but reduce-scatters adapter
 gradients only (both counted).
 
-Output (rank 0): `<out>/<method>-<mode>/` with the adapter files, and
-`<out>/<method>-<mode>.json` with the losses and the counted bytes.
+Output (rank 0): `<out>/<method>-<mode>/` with the adapter files,
+`<out>/<method>-<mode>.json` with the losses and the counted bytes, and
+`<out>/<method>-<mode>-grads.safetensors` with each step's averaged adapter gradients
+(keys `step<i>.<parameter name>`), which tests/test_distributed.py compares with one process.
+
+`--faults` adds runs with a deliberate DDP bug, so the test can show that its parity check
+catches each one: "no-allreduce" (ranks never communicate), "sum" (gradients summed, not
+averaged), "wrong-shard" (every rank trains on rank 0's rows).
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,6 +52,8 @@ from quant import quantize_model  # noqa: E402
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("lora", "qlora")
 MODES = ("ddp", "fsdp")
+OPTIMIZERS = ("adamw", "sgd")
+FAULTS = ("none", "no-allreduce", "sum", "wrong-shard")
 
 
 @dataclass
@@ -58,8 +67,19 @@ class TrainConfig:
     seq_len: int = 16  # tokens per sequence
     r: int = 4  # LoRA rank (LoRA sec. 4.1)
     alpha: float = 8.0  # LoRA scaling numerator (LoRA sec. 4.1)
-    lr: float = 1e-2  # AdamW learning rate; LoRA takes larger rates than full fine-tuning
+    lr: float = 1e-2  # learning rate; LoRA takes larger rates than full fine-tuning
+    optimizer: str = "adamw"  # "adamw" to train; "sgd" for parity tests (Adam's 1/sqrt(v) magnifies rounding)
     seed: int = 0  # model, adapter and data seed: identical on every rank
+    fault: str = "none"  # a deliberate DDP bug from FAULTS (tests only)
+
+    def __post_init__(self):
+        for name, allowed in (("method", METHODS), ("mode", MODES), ("optimizer", OPTIMIZERS), ("fault", FAULTS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.method}-{self.mode}" + ("" if self.fault == "none" else f"-{self.fault}")
 
 
 def tiny_config() -> LlamaConfig:
@@ -93,8 +113,9 @@ def make_batches(cfg: TrainConfig) -> torch.Tensor:
 class ByteCounter:
     """DDP communication hook state: all-reduces each gradient bucket (mean) and counts its bytes."""
 
-    def __init__(self, world_size: int):
+    def __init__(self, world_size: int, average: bool = True):
         self.world_size = world_size
+        self.average = average  # False is the "sum" fault: a wrong averaging factor
         self.bytes = 0
         self.buckets = 0
 
@@ -104,7 +125,8 @@ class ByteCounter:
         buf = bucket.buffer()
         state.bytes += buf.numel() * buf.element_size()
         state.buckets += 1
-        buf.div_(state.world_size)
+        if state.average:
+            buf.div_(state.world_size)
         return dist.all_reduce(buf, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
 
@@ -145,7 +167,7 @@ class CollectiveCounter:
 
 def wrap(model: nn.Module, cfg: TrainConfig, world_size: int) -> tuple[nn.Module, ByteCounter | None]:
     """DDP with a byte-counting hook, or FSDP2 over each block then the root."""
-    if world_size == 1:
+    if world_size == 1 or cfg.fault == "no-allreduce":
         return model, None
     if cfg.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -155,7 +177,7 @@ def wrap(model: nn.Module, cfg: TrainConfig, world_size: int) -> tuple[nn.Module
         sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
             else {"broadcast_buffers": False}
         ddp = DDP(model, device_ids=device_ids, **sync)
-        counter = ByteCounter(world_size)
+        counter = ByteCounter(world_size, average=cfg.fault != "sum")
         ddp.register_comm_hook(counter, ByteCounter.hook)
         return ddp, counter
     from torch.distributed.fsdp import fully_shard
@@ -176,28 +198,48 @@ def full_adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: str = "cpu") -> tuple[nn.Module, dict]:
+def full_gradients(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters' gradients as plain full tensors (FSDP2 shards them; a collective)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            g = p.grad.detach()
+            out[name] = (g.full_tensor() if hasattr(g, "full_tensor") else g).cpu().clone()
+    return out
+
+
+def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr)
+    return torch.optim.AdamW(params, lr=cfg.lr)
+
+
+def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
+          device: str = "cpu") -> tuple[nn.Module, dict, list[dict[str, torch.Tensor]]]:
     """Train on this rank's rows of each global batch. Returns (plain model with the trained
-    adapters, metrics) where metrics has the losses and the communicated bytes."""
+    adapters, metrics, gradients) where metrics has the losses and the communicated bytes and
+    gradients holds each step's averaged adapter gradients by parameter name."""
     if cfg.global_batch % world_size:
         raise ValueError(f"global_batch ({cfg.global_batch}) must be divisible by the world size ({world_size})")
     model = build_model(cfg).to(device)
     trainable, total = trainable_parameters(model)
     wrapped, counter = wrap(model, cfg, world_size)
-    opt = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=cfg.lr)
+    opt = make_optimizer(cfg, [p for p in wrapped.parameters() if p.requires_grad])
     local = cfg.global_batch // world_size
-    losses = []
+    shard = 0 if cfg.fault == "wrong-shard" else rank
+    losses, grads = [], []
     collectives = CollectiveCounter()
     if world_size > 1 and cfg.mode == "fsdp":
         collectives.__enter__()
     bar = tqdm(make_batches(cfg), desc=f"{cfg.method}-{cfg.mode if world_size > 1 else 'single'}",
                disable=rank != 0, leave=False)
     for batch in bar:
-        rows = batch[rank * local:(rank + 1) * local].to(device)  # (local, seq_len + 1)
+        rows = batch[shard * local:(shard + 1) * local].to(device)  # (local, seq_len + 1)
         logits = wrapped(rows[:, :-1])  # (local, seq_len, vocab)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), rows[:, 1:].reshape(-1))  # (local*seq_len, vocab)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        grads.append(full_gradients(model))
         opt.step()
         mean = loss.detach().clone()
         if world_size > 1:
@@ -219,7 +261,7 @@ def train(cfg: TrainConfig, rank: int = 0, world_size: int = 1, device: str = "c
                "fsdp_all_gather_bytes": collectives.bytes["all_gather"],
                "fsdp_reduce_scatter_bytes": collectives.bytes["reduce_scatter"],
                "model_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values())}
-    return plain, metrics
+    return plain, metrics, grads
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -233,9 +275,14 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="ddp", help=f"comma-separated, from {MODES} (several processes only)")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--global-batch", type=int, default=TrainConfig.global_batch)
+    parser.add_argument("--optimizer", default=TrainConfig.optimizer, choices=OPTIMIZERS)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr)
+    parser.add_argument("--faults", default="", help=f"comma-separated DDP bugs to run too (tests), from {FAULTS[1:]}")
     args = parser.parse_args(argv)
     methods, modes = args.methods.split(","), args.modes.split(",")
-    for name, values, allowed in (("--methods", methods, METHODS), ("--modes", modes, MODES)):
+    faults = [f for f in args.faults.split(",") if f]
+    for name, values, allowed in (("--methods", methods, METHODS), ("--modes", modes, MODES),
+                                  ("--faults", faults, FAULTS[1:])):
         if not set(values) <= set(allowed):
             parser.error(f"{name} must be a comma-separated subset of {allowed}, got {values}")
 
@@ -252,20 +299,24 @@ def main(argv=None) -> int:
         modes = ["single"]
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     args.out.mkdir(parents=True, exist_ok=True)
+    runs = [(method, mode, "none") for method in methods for mode in modes]
+    runs += [(method, "ddp", fault) for method in methods for fault in faults if world_size > 1]
     try:
-        for method in methods:
-            for mode in modes:
-                cfg = TrainConfig(method=method, mode=mode if mode != "single" else "ddp",
-                                  steps=args.steps, global_batch=args.global_batch)
-                model, metrics = train(cfg, rank, world_size, device)
-                if rank == 0:
-                    save_adapter(model, args.out / f"{method}-{mode}")
-                    write_json_atomic(args.out / f"{method}-{mode}.json", metrics)
-                    print(f"{method}-{mode}: world {world_size}, loss {metrics['losses'][0]:.4f} -> "
-                          f"{metrics['losses'][-1]:.4f}, all-reduced {metrics['allreduce_bytes']:,d} bytes "
-                          f"({metrics['trainable_bytes']:,d} adapter bytes x {cfg.steps} steps); FSDP all-gathered "
-                          f"{metrics['fsdp_all_gather_bytes']:,d}, reduce-scattered {metrics['fsdp_reduce_scatter_bytes']:,d}",
-                          flush=True)
+        for method, mode, fault in runs:
+            cfg = TrainConfig(method=method, mode=mode if mode != "single" else "ddp", steps=args.steps,
+                              global_batch=args.global_batch, optimizer=args.optimizer, lr=args.lr, fault=fault)
+            model, metrics, grads = train(cfg, rank, world_size, device)
+            name = cfg.run_name if mode != "single" else f"{method}-single"
+            if rank == 0:
+                save_adapter(model, args.out / name)
+                write_json_atomic(args.out / f"{name}.json", metrics)
+                flat = {f"step{i}.{k}": g for i, step in enumerate(grads) for k, g in step.items()}
+                atomic_write(args.out / f"{name}-grads.safetensors", lambda tmp, flat=flat: save_file(flat, tmp))
+                print(f"{name}: world {world_size}, loss {metrics['losses'][0]:.4f} -> "
+                      f"{metrics['losses'][-1]:.4f}, all-reduced {metrics['allreduce_bytes']:,d} bytes "
+                      f"({metrics['trainable_bytes']:,d} adapter bytes x {cfg.steps} steps); FSDP all-gathered "
+                      f"{metrics['fsdp_all_gather_bytes']:,d}, reduce-scattered {metrics['fsdp_reduce_scatter_bytes']:,d}",
+                      flush=True)
     finally:
         if world_size > 1:
             dist.destroy_process_group()
