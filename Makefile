@@ -9,7 +9,7 @@ STAMP      := $(VENV)/.installed
 GPU_PY     ?= python3
 OUT        ?= benchmarks/results
 
-.PHONY: install test demo compare bench tour lint gpu-check clean
+.PHONY: install test test-portable demo compare bench tour lint gpu-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ install: $(STAMP)
 
 test: install
 	$(PY) -m pytest -q
+
+# The suite as an AVX2-only CPU runs it (no AVX-512 in ATen, MKL or oneDNN; the portable C
+# dequantize loop): a test that passes on one instruction set only fails here. CI runs both.
+PORTABLE := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 LORALAB_NATIVE=portable
+test-portable: install
+	$(PORTABLE) $(PY) -m pytest -q
 
 demo: install
 	$(PY) examples/finetune.py --method qlora
