@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -6,6 +9,15 @@ import torch
 # Triton kernels run on CPU tensors only under its interpreter; set it before triton is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# A private inductor cache for each run. PyTorch's default, /tmp/torchinductor_<user>, is
+# shared by every run on the machine, and its keys leave out the vector ISA that
+# ATEN_CPU_CAPABILITY selects: kernels cached by an AVX-512 run, reused under
+# ATEN_CPU_CAPABILITY=avx2 (`make test-portable`), gave wrong outputs (off by 2.8) and crashed.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _inductor_cache = tempfile.mkdtemp(prefix="loralab-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _inductor_cache
+    atexit.register(shutil.rmtree, _inductor_cache, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="session")
