@@ -69,6 +69,11 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     Returns:
         (..., N) tensor of x's dtype.
     """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a quant.QuantState, got {type(state).__name__}")
+    state.validate(packed)  # before `kernels_support` computes with its fields
     mode = select_backend(x, backend)
     auto = (backend or requested_backend()) == "auto"  # not forced by argument or variable
     if mode == "torch" or (auto and not kernels_support(x, state, bias)):

@@ -35,14 +35,10 @@ from . import native
 from .codes import dynamic_map_8bit, shared_code
 from .packing import unpack_nibbles
 from .search import nearest_codes
-from .state import QuantState
+from .state import FLOAT_DTYPES, MAX_NESTED_BLOCKSIZE, QUANT_TYPES, VALID_BLOCKSIZES, QuantState
 
-# bitsandbytes accepts these block sizes for 4-bit quantization (powers of two, 32..4096).
-VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # QLoRA sec. 3: the absmax values are double-quantized in blocks of 256.
 NESTED_BLOCKSIZE = 256
-QUANT_TYPES = ("nf4", "fp4", "int4")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LUT_BINS = 65536  # bins of bitsandbytes' 8-bit lookup table
 CHUNK = 2**18  # elements per step of the 4-bit loops: temporaries of ~1 MB stay in cache
 POOL_MIN_CHUNKS_PER_THREAD = 4  # fewer chunks than this per thread: no thread pool (measured on 2 cores)
@@ -56,19 +52,40 @@ def check_blocksize(blocksize: int, name: str = "blocksize") -> int:
     return blocksize
 
 
-def _check_weight(w: torch.Tensor) -> None:
+def check_weight(w: torch.Tensor, name: str = "w") -> None:
+    """Raise unless `w` is a non-empty float32/float16/bfloat16 tensor (`name` in the message)."""
     if not isinstance(w, torch.Tensor):
-        raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"w must have dtype float32, float16 or bfloat16, got {w.dtype}")
+        raise TypeError(f"{name} must have dtype float32, float16 or bfloat16, got {w.dtype}")
+    if w.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {w.layout}")
     if w.numel() == 0:
-        raise ValueError("w must have at least one element")
+        raise ValueError(f"{name} must have at least one element")
 
 
-def _check_finite(absmax: torch.Tensor) -> None:
-    # max |x| of a block is NaN or Inf exactly when the block holds a NaN or an Inf
-    if not bool(torch.isfinite(absmax).all()):
-        raise ValueError("w contains NaN or Inf; quantization needs finite weights")
+def _check_finite(absmax: torch.Tensor, name: str = "w") -> None:
+    # max |x| of a block is NaN or Inf exactly when the block holds a NaN or an Inf.
+    # A meta tensor has no values: quantizing one gives meta outputs of the right shapes.
+    if absmax.device.type != "meta" and not bool(torch.isfinite(absmax).all()):
+        raise ValueError(f"{name} contains NaN or Inf; quantization needs finite weights")
+
+
+def _check_int(value, name: str, low: int, high: int) -> int:
+    """`value` if it is an int (not a bool) in [low, high], else ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name} must be an int from {low} to {high}, got {value!r}")
+    return value
+
+
+def _check_code_256(code: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The 8-bit code book: default the dynamic map, else a (256,) float tensor (on `device`)."""
+    if code is None:
+        return dynamic_map_8bit().to(device)
+    if not isinstance(code, torch.Tensor) or not code.dtype.is_floating_point or code.numel() != 256:
+        got = f"{code.dtype} {tuple(code.shape)}" if isinstance(code, torch.Tensor) else type(code).__name__
+        raise ValueError(f"code must be a float tensor of 256 levels (one per uint8 code), got {got}")
+    return code.to(device=device, dtype=torch.float32).reshape(-1)
 
 
 @contextlib.contextmanager
@@ -169,14 +186,20 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None,
     Returns:
         `codes` `(n,)` uint8 and `absmax` `(ceil(n / blocksize),)` float32.
     """
-    code = dynamic_map_8bit() if code is None else code.float().contiguous()
-    lut = _lut_8bit(code.cpu().numpy().tobytes()).to(x.device)
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"x must be a floating-point torch.Tensor, got {got}")
+    _check_int(blocksize, "blocksize", 1, MAX_NESTED_BLOCKSIZE)
+    code = _check_code_256(code, torch.device("cpu")).contiguous()
+    _check_finite(code, "code")
+    lut = _lut_8bit(code.numpy().tobytes()).to(x.device)
     x = x.reshape(-1).float()  # (n,)
     n = x.numel()
     nblocks = -(-n // blocksize)
     padded = torch.nn.functional.pad(x, (0, nblocks * blocksize - n))  # zeros do not change absmax
     blocks = padded.view(nblocks, blocksize)  # (nblocks, blocksize)
     absmax = blocks.abs().amax(dim=1)
+    _check_finite(absmax, "x")  # a NaN would index the lookup table out of range
     inv = torch.where(absmax == 0, torch.zeros_like(absmax), 1.0 / absmax)  # zero block -> code 0
     v = (blocks * inv.unsqueeze(1)).clamp_(-1, 1)
     idx = (((v + 1.0) * 0.5) * (_LUT_BINS - 1) + 0.5).to(torch.int64)  # truncation, as C's cast
@@ -188,9 +211,28 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor | None = None,
 
 def dequantize_blockwise_8bit(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor | None = None,
                               blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
-    """Inverse of `quantize_blockwise_8bit`: `code[q] * absmax[block]`, `(n,)` float32."""
-    code = dynamic_map_8bit() if code is None else code.float()
-    values = code.to(q.device).index_select(0, q.reshape(-1).int())  # (n,)
+    """Inverse of `quantize_blockwise_8bit`: `code[q] * absmax[block]`, `(n,)` float32.
+
+    Args:
+        q: `(n,)` uint8 codes (any shape, flattened).
+        absmax: `(ceil(n / blocksize),)` float32 scales on q's device.
+        code: `(256,)` float levels; default the dynamic 8-bit map.
+        blocksize: codes per absmax value, a positive int.
+    """
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.uint8:
+        got = q.dtype if isinstance(q, torch.Tensor) else type(q).__name__
+        raise TypeError(f"q must be a uint8 torch.Tensor of 8-bit codes, got {got}")
+    _check_int(blocksize, "blocksize", 1, MAX_NESTED_BLOCKSIZE)
+    nblocks = -(-q.numel() // blocksize)
+    if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or absmax.numel() != nblocks:
+        got = f"{absmax.dtype} with {absmax.numel()} values" if isinstance(absmax, torch.Tensor) \
+            else type(absmax).__name__
+        raise ValueError(f"absmax must be a float32 tensor of ceil(q.numel() / blocksize) = {nblocks} "
+                         f"values, got {got}")
+    if absmax.device != q.device:
+        raise ValueError(f"absmax is on {absmax.device} but q is on {q.device}")
+    code = _check_code_256(code, q.device)
+    values = code.index_select(0, q.reshape(-1).int())  # (n,)
     n = values.numel()
     full = n - n % blocksize
     out = torch.empty_like(values)
@@ -216,10 +258,12 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     Returns:
         `packed` `((n + 1) // 2,)` uint8 (element 2i in the high nibble) and a `QuantState`.
     """
-    _check_weight(w)
+    check_weight(w)
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     check_blocksize(blocksize)
+    if not isinstance(double_quant, bool):  # a string such as "no" would be true
+        raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
     flat = w.reshape(-1)  # (n,)
     n = flat.numel()
     full = n - n % blocksize
@@ -254,6 +298,9 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
 
 def state_absmax(state: QuantState) -> torch.Tensor:
     """The float32 absmax per block, undoing double quantization when it was used."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
+    state.validate()
     if not state.double_quant:
         return state.absmax.float()
     with _single_threaded():
@@ -263,21 +310,11 @@ def state_absmax(state: QuantState) -> torch.Tensor:
 
 
 def check_packed(packed: torch.Tensor, state: QuantState) -> None:
-    """Raise a clear error when `packed` or `state` cannot be dequantized together."""
+    """Raise a clear error when `packed` or `state` cannot be dequantized together
+    (`QuantState.validate`: every field, before any kernel reads memory)."""
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
-        got = packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__
-        raise TypeError(f"packed must be a uint8 torch.Tensor, got {got}")
-    n = state.numel
-    if packed.numel() != (n + 1) // 2:
-        raise ValueError(f"packed has {packed.numel()} bytes, but a tensor of shape "
-                         f"{tuple(state.shape)} needs (n + 1) // 2 = {(n + 1) // 2}")
-    check_blocksize(state.blocksize, "state.blocksize")
-    nblocks = -(-n // state.blocksize)
-    if state.absmax.numel() != nblocks:
-        raise ValueError(f"state.absmax has {state.absmax.numel()} values, expected {nblocks} "
-                         f"(one per block of {state.blocksize})")
+    state.validate(packed)
 
 
 def _pair_table(code: torch.Tensor) -> torch.Tensor:
@@ -312,13 +349,14 @@ def _use_native(packed: torch.Tensor, impl: str) -> bool:
     return usable and native.available()
 
 
-def _float32_code(state: QuantState) -> QuantState:
-    """`state` itself, or a copy whose code books are contiguous float32 (what the C loop reads)."""
-    ok = [t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in (state.code, state.nested_code)]
-    if all(ok):
+def _contiguous(state: QuantState) -> QuantState:
+    """`state` itself, or a copy whose tensors are contiguous (the C loop reads raw memory;
+    a validated state already has the dtypes it needs)."""
+    fields = ("absmax", "code", "nested_absmax", "nested_code")
+    if all(getattr(state, f) is None or getattr(state, f).is_contiguous() for f in fields):
         return state
-    return dataclasses.replace(state, code=state.code.float().contiguous(),
-                               nested_code=None if state.nested_code is None else state.nested_code.float().contiguous())
+    return dataclasses.replace(state, **{f: getattr(state, f).contiguous() for f in fields
+                                         if getattr(state, f) is not None})
 
 
 def _last_absmax(state: QuantState) -> torch.Tensor:
@@ -346,6 +384,29 @@ def _dequantize_full_torch(flat: torch.Tensor, absmax: torch.Tensor, table: torc
         torch.mul(values, scale, out=out[start:stop].view(-1, bs))
 
     _for_chunks(step, full, bs, flat.device)
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses that a non-empty strided tensor can touch (strides are >= 0)."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))  # element offset
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _check_no_overlap(out: torch.Tensor, packed: torch.Tensor, state: QuantState) -> None:
+    """`out` is written while `packed` and the state are read: they must not share memory."""
+    if out.device.type == "meta" or out.numel() == 0:
+        return
+    o0, o1 = _extent(out)
+    named = {"packed": packed, "state.absmax": state.absmax, "state.code": state.code,
+             "state.offset": state.offset, "state.nested_absmax": state.nested_absmax,
+             "state.nested_code": state.nested_code}
+    for name, t in named.items():
+        if t is None or t.numel() == 0:
+            continue
+        t0, t1 = _extent(t)
+        if o0 < t1 and t0 < o1:
+            raise ValueError(f"out overlaps {name} in memory; dequantize_4bit reads {name} while it "
+                             f"writes out, so pass a separate buffer")
 
 
 def _check_out(out: torch.Tensor, n: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -389,6 +450,7 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
         out = torch.empty(n, dtype=dtype, device=packed.device)
     else:
         _check_out(out, n, dtype, packed.device)
+        _check_no_overlap(out, packed, state)
         out = out.view(-1)
     flat = packed.reshape(-1)  # (n_bytes,)
     full = n - n % bs
@@ -396,12 +458,12 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     table = None if use_native and full == n else \
         _pair_table(state.code.to(device=packed.device, dtype=torch.float32))  # (256,) int64
     if use_native:  # the same arithmetic in one pass of C, absmax included
-        native.dequantize_blocks(flat.contiguous(), _float32_code(state), out, full // bs)
+        native.dequantize_blocks(flat.contiguous(), _contiguous(state), out, full // bs)
         last_absmax = _last_absmax(state) if full < n else None
     else:
         absmax = state_absmax(state)
         _dequantize_full_torch(flat, absmax, table, out, full, bs)
-        last_absmax = absmax[-1]
+        last_absmax = absmax[-1] if full < n else None  # no block at all when n == 0
     if full < n:  # the last, partial block
         values = _levels(table, flat[full // 2:])[: n - full]  # (n - full,)
         out[full:] = values * last_absmax

@@ -59,7 +59,7 @@ def normal_float_code(bits: int = 4, offset: float | None = None) -> torch.Tenso
         raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
     if offset is None:
         offset = _nf_offset(bits)
-    if not 0.5 < offset < 1.0:
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not 0.5 < offset < 1.0:
         raise ValueError(f"offset must lie in (0.5, 1), got {offset!r}")
     return _normal_float_code(bits, float(offset)).clone()
 
@@ -144,6 +144,8 @@ def shared_code(quant_type: str, device: torch.device | str = "cpu") -> torch.Te
     of double quantization). Layers hold this same tensor, so a model pays for each code
     book once, as with bitsandbytes. Read-only by contract: never modify it in place.
     """
+    if quant_type != "dynamic8" and quant_type not in CODE_BOOKS:
+        raise ValueError(f"quant_type must be one of {sorted(CODE_BOOKS) + ['dynamic8']}, got {quant_type!r}")
     device = torch.device(device)
     key = (quant_type, str(device))
     if key not in _SHARED:

@@ -15,6 +15,9 @@ def to_bitsandbytes(packed: torch.Tensor, state: QuantState):
     """Return `(packed, bnb_state)` that `bitsandbytes.functional.dequantize_4bit` accepts."""
     import bitsandbytes.functional as bnbf
 
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
+    state.validate(packed)  # bitsandbytes' kernels index memory with these lengths too
     if state.quant_type not in ("nf4", "fp4"):
         raise ValueError(f"bitsandbytes supports quant_type 'nf4' or 'fp4', got {state.quant_type!r}")
     state2 = None
@@ -41,4 +44,6 @@ def from_bitsandbytes(packed: torch.Tensor, bnb_state) -> tuple[torch.Tensor, Qu
         state.nested_absmax = state2.absmax
         state.nested_code = state2.code if state2.code is not None else dynamic_map_8bit()
         state.nested_blocksize = int(state2.blocksize)
-    return packed.reshape(-1), state  # (n_bytes,)
+    packed = packed.reshape(-1)  # (n_bytes,)
+    state.validate(packed)
+    return packed, state

@@ -21,6 +21,7 @@ from .blockwise import (
     NESTED_BLOCKSIZE,
     QUANT_TYPES,
     check_blocksize,
+    check_weight,
     dequantize_4bit,
     quantize_4bit,
 )
@@ -114,6 +115,12 @@ class LinearNF4(nn.Module):
     `offset`, `nested_absmax`; non-persistent `code`, `nested_code`: the code books, one
     tensor per device shared by every layer (`quant.codes.shared_code`).
     Shapes: x (..., in_features) -> (..., out_features), in x's dtype.
+
+    Input: x must be a floating-point tensor (float32, bfloat16, float16 or float64) on the
+    layer's device; it is cast to `compute_dtype` for the matmul and the result cast back,
+    so a float64 x gets float64 outputs computed at `compute_dtype` precision (as a float32
+    x with the default bfloat16 compute). Integer, bool and complex inputs raise TypeError.
+    `load_state_dict` accepts buffers of exactly the layer's dtypes and shapes only.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
@@ -133,8 +140,13 @@ class LinearNF4(nn.Module):
         if weight is None:
             weight = torch.empty(out_features, in_features, device=device)
             nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's default
-        elif tuple(weight.shape) != (out_features, in_features):
-            raise ValueError(f"weight must have shape ({out_features}, {in_features}), got {tuple(weight.shape)}")
+        else:
+            self._check_new_weight(weight)
+            want = None if device is None else torch.device(device)
+            if want is not None and (want.type != weight.device.type
+                                     or want.index not in (None, weight.device.index)):
+                raise ValueError(f"device={device!r} differs from weight's device {weight.device}; "
+                                 f"pass one of them, or move weight first")
         self.weight_dtype = weight.dtype
         self._quantize_into_buffers(weight.detach())
         if bias:
@@ -166,12 +178,17 @@ class LinearNF4(nn.Module):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
+    def _check_new_weight(self, weight: torch.Tensor) -> None:
+        """A weight to quantize: float32/float16/bfloat16 of shape (out_features, in_features)."""
+        check_weight(weight, "weight")
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight must have shape ({self.out_features}, {self.in_features}), "
+                             f"got {tuple(weight.shape)}")
+
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor) -> None:
         """Replace the stored weight by the quantization of `weight` ((out_features, in_features), float)."""
-        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (self.out_features, self.in_features):
-            got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-            raise ValueError(f"weight must be a tensor of shape ({self.out_features}, {self.in_features}), got {got}")
+        self._check_new_weight(weight)
         device = self.weight_packed.device
         self._quantize_into_buffers(weight.detach().to(device))
 
@@ -195,12 +212,63 @@ class LinearNF4(nn.Module):
         """The dense `(out_features, in_features)` weight (default dtype: the original weight's)."""
         return dequantize_4bit(self.weight_packed, self.quant_state, dtype=dtype or self.weight_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:  # an int x would come back as truncated integers
+            raise TypeError(f"x must be a floating-point tensor (float32, bfloat16, float16 or "
+                            f"float64), got {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension in_features={self.in_features}, got {tuple(x.shape)}")
+        if x.device != self.weight_packed.device:
+            raise ValueError(f"x is on {x.device} but the layer is on {self.weight_packed.device}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         y = linear_nf4(x.to(self.compute_dtype), self.weight_packed, self.quant_state, bias)
         return y.to(x.dtype)
+
+    def _expected_buffers(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """(dtype, shape) of each persistent buffer, from the layer's configuration."""
+        n = self.in_features * self.out_features
+        nblocks = -(-n // self.blocksize)
+        expected = {"weight_packed": (torch.uint8, ((n + 1) // 2,)),
+                    "absmax": (torch.uint8 if self.double_quant else torch.float32, (nblocks,))}
+        if self.double_quant:
+            expected["offset"] = (torch.float32, ())
+            expected["nested_absmax"] = (torch.float32, (-(-nblocks // NESTED_BLOCKSIZE),))
+        return expected
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """nn.Module's loader would cast a float absmax into the uint8 codes without a word:
+        refuse any buffer of another dtype or shape, and validate the state the loaded
+        buffers make, all before one buffer changes."""
+        incoming = {}
+        for name, (dtype, shape) in self._expected_buffers().items():
+            key = prefix + name
+            if key not in state_dict:
+                continue  # reported as missing by nn.Module (strict) or kept as it is
+            t = state_dict[key]
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{key} must be a {dtype} tensor of shape {shape} for this layer "
+                                 f"(quant_type={self.quant_type}, blocksize={self.blocksize}, "
+                                 f"double_quant={self.double_quant}), got {got}")
+            incoming[name] = t.to(self.weight_packed.device)
+        if incoming:
+            state = self.quant_state
+            for name in ("absmax", "offset", "nested_absmax"):
+                if name in incoming:
+                    setattr(state, name, incoming[name])
+            try:
+                state.validate(incoming.get("weight_packed", self.weight_packed))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{prefix or 'state_dict'}: the loaded buffers do not make a valid "
+                                 f"4-bit weight: {e}") from None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _apply(self, fn, recurse=True):
         # `.half()` / `.to(dtype)` must move, never cast, the float32 absmax and code books:

@@ -19,7 +19,8 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
         raise TypeError(f"codes must be an integer tensor, got dtype {codes.dtype}")
     flat = codes.reshape(-1)  # (n,)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) > 15):
+    # (a meta tensor has no values to check: it packs to a meta tensor of the right shape)
+    if flat.numel() and flat.device.type != "meta" and (int(flat.min()) < 0 or int(flat.max()) > 15):
         raise ValueError("codes must lie in 0..15 to fit in a nibble")
     flat = flat.to(torch.uint8)
     if flat.numel() % 2:
@@ -45,6 +46,8 @@ def unpack_nibbles(packed: torch.Tensor, numel: int | None = None) -> torch.Tens
     flat = packed.reshape(-1)  # (n_bytes,)
     if numel is None:
         numel = 2 * flat.numel()
+    if isinstance(numel, bool) or not isinstance(numel, int):
+        raise ValueError(f"numel must be an int or None, got {numel!r}")
     if numel not in (2 * flat.numel(), 2 * flat.numel() - 1) or numel < 0:
         raise ValueError(f"numel={numel} does not fit {flat.numel()} packed bytes "
                          f"(allowed: {2 * flat.numel() - 1} or {2 * flat.numel()})")

@@ -17,12 +17,27 @@ row-major order:
 
 `QuantState.to_dict()` flattens a state into a dict of tensors only (safetensors can
 store it) and `QuantState.from_dict()` reads it back.
+
+`QuantState.validate(packed)` is the one check that every reader of the format runs
+before touching memory (the PyTorch path, the C loop of `quant.native`, the Triton
+launchers of `kernels/`): a state read from a file or edited by hand can hold any
+value, and the C and Triton kernels index raw memory with these lengths.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
+
+# bitsandbytes accepts these block sizes for 4-bit quantization (powers of two, 32..4096).
+VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+QUANT_TYPES = ("nf4", "fp4", "int4")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Upper bound of the nested blocksize (real ones are 256): keeps it, and every length
+# computed from it, far inside the C loop's int64 (ctypes would silently truncate a
+# larger Python int, e.g. 2**64 + 1 to 1).
+MAX_NESTED_BLOCKSIZE = 2**31 - 1
 
 
 @dataclass
@@ -70,6 +85,36 @@ class QuantState:
             tensors += [self.code, self.nested_code]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    def validate(self, packed: torch.Tensor | None = None) -> None:
+        """Raise ValueError/TypeError naming the field unless this state (and `packed`, when
+        given) is a consistent 4-bit tensor: field types, dtypes, devices and exact lengths.
+
+        Every kernel that reads the format (PyTorch, C, Triton) relies on these lengths to
+        stay inside its buffers, so this runs before any of them. Values are checked too
+        (`code` and `offset` finite) except on meta tensors and while torch.compile traces.
+        """
+        _check_scalars(self)
+        nblocks = -(-self.numel // self.blocksize)
+        ref = None  # (name, device) that every other tensor must share
+        if packed is not None:
+            ref = _check_tensor(packed, "packed", (torch.uint8,), None, None)
+            if packed.numel() != (self.numel + 1) // 2:
+                raise ValueError(f"packed has {packed.numel()} bytes but state.shape {tuple(self.shape)} "
+                                 f"needs (numel + 1) // 2 = {(self.numel + 1) // 2}")
+        absmax_dtype = torch.uint8 if self.double_quant else torch.float32
+        absmax = _check_tensor(self.absmax, "state.absmax", (absmax_dtype,), nblocks, ref,
+                               what="ceil(numel / blocksize)")
+        ref = ref or absmax
+        _check_tensor(self.code, "state.code", (torch.float32,), 16, ref)
+        _check_finite(self.code, "state.code")
+        if self.double_quant:
+            nested = -(-nblocks // self.nested_blocksize)
+            _check_tensor(self.nested_absmax, "state.nested_absmax", (torch.float32,), nested, ref,
+                          what="ceil(nblocks / nested_blocksize)")
+            _check_tensor(self.nested_code, "state.nested_code", (torch.float32,), 256, ref)
+            _check_tensor(self.offset, "state.offset", (torch.float32,), 1, ref)
+            _check_finite(self.offset, "state.offset")
+
     def to(self, device: torch.device | str) -> "QuantState":
         """A copy with every tensor moved to `device`."""
         def move(t):
@@ -104,30 +149,126 @@ class QuantState:
 
     @classmethod
     def from_dict(cls, d: dict[str, torch.Tensor], prefix: str = "") -> "QuantState":
-        """Inverse of `to_dict`; raises KeyError naming a missing key, ValueError for a bad value."""
+        """Inverse of `to_dict`; raises KeyError naming a missing key, ValueError/TypeError
+        naming the key of a bad value, and validates the result (`validate`)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"d must be a dict of tensors, got {type(d).__name__}")
+
         def get(key: str) -> torch.Tensor:
             if prefix + key not in d:
                 raise KeyError(f"QuantState dict is missing the key {prefix + key!r}")
+            if not isinstance(d[prefix + key], torch.Tensor):
+                raise TypeError(f"{prefix + key} must be a torch.Tensor, got {type(d[prefix + key]).__name__}")
             return d[prefix + key]
 
-        dtype_name = _decode(get("dtype"))
-        dtype = getattr(torch, dtype_name, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"QuantState dict has an unknown dtype {dtype_name!r}")
-        state = cls(absmax=get("absmax"), shape=torch.Size(get("shape").tolist()), dtype=dtype,
-                    blocksize=int(get("blocksize").reshape(-1)[0]), quant_type=_decode(get("quant_type")),
-                    code=get("code"))
+        dtype_name = _decode(get("dtype"), prefix + "dtype")
+        dtype = getattr(torch, dtype_name, None) if dtype_name.isidentifier() else None
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{prefix}dtype must name one of float32, float16, bfloat16, got {dtype_name!r}")
+        shape = _int_list(get("shape"), prefix + "shape")
+        state = cls(absmax=get("absmax"), shape=torch.Size(shape), dtype=dtype,
+                    blocksize=_int_list(get("blocksize"), prefix + "blocksize", one=True),
+                    quant_type=_decode(get("quant_type"), prefix + "quant_type"), code=get("code"))
         if prefix + "nested_absmax" in d:
-            state.offset = get("offset").reshape(())
+            state.offset = get("offset").reshape(()) if get("offset").numel() == 1 else get("offset")
             state.nested_absmax = get("nested_absmax")
             state.nested_code = get("nested_code")
-            state.nested_blocksize = int(get("nested_blocksize").reshape(-1)[0])
+            state.nested_blocksize = _int_list(get("nested_blocksize"), prefix + "nested_blocksize", one=True)
+        state.validate()
         return state
+
+
+def _is_int(value) -> bool:
+    """A Python int that is not a bool (True would otherwise pass as the blocksize 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_scalars(state: QuantState) -> None:
+    """The non-tensor fields: types and ranges, before any length is computed from them."""
+    if state.quant_type not in QUANT_TYPES:
+        raise ValueError(f"state.quant_type must be one of {QUANT_TYPES}, got {state.quant_type!r}")
+    if not _is_int(state.blocksize) or state.blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"state.blocksize must be a power of two from 32 to 4096 {VALID_BLOCKSIZES}, "
+                         f"got {state.blocksize!r}")
+    if state.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"state.dtype must be torch.float32, torch.float16 or torch.bfloat16, got {state.dtype!r}")
+    if not isinstance(state.shape, (tuple, list)) or not all(_is_int(s) and s >= 0 for s in state.shape):
+        raise ValueError(f"state.shape must be a tuple of non-negative ints, got {state.shape!r}")
+    parts = (state.offset, state.nested_absmax, state.nested_code)
+    if any(t is None for t in parts) and any(t is not None for t in parts):
+        raise ValueError("state.offset, state.nested_absmax and state.nested_code must all be set "
+                         "(double quantization) or all be None")
+    nbs = state.nested_blocksize
+    if state.double_quant and (not _is_int(nbs) or not 1 <= nbs <= MAX_NESTED_BLOCKSIZE):
+        raise ValueError(f"state.nested_blocksize must be an int from 1 to 2**31 - 1, got {nbs!r}")
+
+
+def _check_tensor(t, name: str, dtypes: tuple, numel: int | None, ref: tuple[str, torch.device] | None,
+                  what: str = "") -> tuple[str, torch.device]:
+    """`t` is a dense tensor of one of `dtypes` with exactly `numel` elements (any number when
+    None) on the device of `ref` = (name, device) (any device when None); returns (name, device)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must be {allowed}, got {t.dtype}")
+    # (not while torch.compile traces: dynamo bans reading .layout inside an autograd backward)
+    if not torch.compiler.is_compiling() and t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"{name} has {t.numel()} values, expected {numel}{f' = {what}' if what else ''}")
+    if ref is not None and t.device != ref[1]:
+        raise ValueError(f"{name} is on {t.device} but {ref[0]} is on {ref[1]}; move the state "
+                         f"with state.to(device)")
+    return name, t.device
+
+
+# Tensors whose values passed `_check_finite`, by id: (weak reference, version counter). The
+# check reads the values (a device sync on CUDA); this skips it for the same unmodified tensor,
+# such as the shared code book that every layer's state holds.
+_FINITE: dict[int, tuple[weakref.ref, int | None]] = {}
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if t.device.type == "meta" or torch.compiler.is_compiling():
+        return  # no values to read (meta and the fake tensors that torch.compile traces with)
+    seen = _FINITE.get(id(t))
+    if seen is not None and seen[0]() is t and seen[1] == _version(t) and seen[1] is not None:
+        return
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must hold finite values, got NaN or Inf")
+    if len(_FINITE) > 4096:  # dead entries of freed tensors
+        _FINITE.clear()
+    _FINITE[id(t)] = (weakref.ref(t), _version(t))
+
+
+def _int_list(t: torch.Tensor, key: str, one: bool = False):
+    """The integer values of a stored tensor (exactly one when `one`), refusing float and bool."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{key} must be an integer tensor, got {t.dtype}")
+    if one and t.numel() != 1:
+        raise ValueError(f"{key} must hold exactly one value, got {t.numel()}")
+    if not one and t.dim() != 1:
+        raise ValueError(f"{key} must be a 1-D tensor of sizes, got shape {tuple(t.shape)}")
+    values = [int(v) for v in t.reshape(-1).tolist()]
+    return values[0] if one else values
 
 
 def _encode(text: str) -> torch.Tensor:
     return torch.tensor(list(text.encode("ascii")), dtype=torch.uint8)
 
 
-def _decode(t: torch.Tensor) -> str:
-    return bytes(t.to(torch.uint8).tolist()).decode("ascii")
+def _decode(t: torch.Tensor, key: str) -> str:
+    if t.dtype != torch.uint8 or t.dim() != 1:
+        raise TypeError(f"{key} must be a 1-D uint8 tensor of ASCII bytes, got {t.dtype} {tuple(t.shape)}")
+    try:
+        return bytes(t.tolist()).decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"{key} must hold ASCII text") from None

@@ -11,6 +11,10 @@
  * PyTorch, libgomp.so.1 is PyTorch's own, so the blocks are split among the same, already
  * running threads that PyTorch's ops use (as bitsandbytes' CPU library does).
  * Built at first use by quant/native.py with the system C compiler; no Python headers.
+ *
+ * Every call carries the length of each buffer, and `loralab_dequant4` checks them all
+ * before reading or writing anything: a tampered state that slipped past the Python checks
+ * gets an error code back, never an out-of-bounds access.
  */
 #include <math.h>
 #include <stdint.h>
@@ -171,19 +175,69 @@ static void dequant_range(const uint8_t *packed, const scales_t *sc, const float
     dequant_portable(packed, sc, code, out, b0, b1, bs, kind);
 }
 
-/* Dequantize the whole blocks [b0, b1) of `bs` elements each (bs even, >= 32).
- *   packed: bs / 2 bytes per block, from block 0; code: the 16 float32 levels;
- *   absmax: float32 per block, or NULL and then qabsmax (uint8 per block), code8 (256
- *     float32), nested (float32 per nested_bs blocks) and offset: double quantization;
- *   out: from element 0, float32 (kind 0), bfloat16 (1) or float16 (2);
- *   simd: 1 to use the AVX-512 loop (only when loralab_dequant4_simd() says so);
- *   nthreads: OpenMP threads, each taking one contiguous run of blocks.
+/* One call's arguments; quant/native.py mirrors this struct with ctypes. Lengths count
+ * elements of the pointed-to type. */
+typedef struct {
+    const uint8_t *packed;   /* bs / 2 bytes per block, from block 0 */
+    int64_t packed_len;
+    const float *absmax;     /* float32 per block, or NULL: double quantization, below */
+    const uint8_t *qabsmax;  /* uint8 per block, codes into code8 */
+    int64_t absmax_len;      /* length of absmax or qabsmax, whichever is used */
+    const float *code8;      /* 256 float32 */
+    const float *nested;     /* float32 per nested_bs blocks */
+    int64_t nested_len;
+    int64_t nested_bs;
+    float offset;
+    const float *code;       /* the 16 float32 levels */
+    void *out;               /* from element 0: float32 (kind 0), bfloat16 (1) or float16 (2) */
+    int64_t out_len;
+    int64_t b0, b1;          /* the blocks to write: [b0, b1) */
+    int64_t bs;              /* elements per block: even, >= 32 */
+    int32_t kind;
+    int32_t simd;            /* 1: the AVX-512 loop (only when loralab_dequant4_simd() says so) */
+    int32_t nthreads;        /* OpenMP threads, each taking one contiguous run of blocks */
+} loralab_dequant4_args;
+
+/* Error codes of loralab_dequant4 (0: done). quant/native.py turns them into messages. */
+enum {
+    ERR_BLOCKSIZE = 1, ERR_RANGE, ERR_PACKED, ERR_ABSMAX, ERR_NESTED, ERR_OUT, ERR_KIND,
+    ERR_SIMD, ERR_NULL
+};
+
+/* ceil(a / b) for a >= 0, b >= 1, without overflow. */
+static int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+/* 0 when every buffer holds what blocks [b0, b1) need, else the first error found. */
+static int check_args(const loralab_dequant4_args *a) {
+    if (a->bs < 32 || a->bs % 2 || a->bs > ((int64_t)1 << 30)) return ERR_BLOCKSIZE;
+    if (a->kind < OUT_F32 || a->kind > OUT_F16) return ERR_KIND;
+    if (a->b0 < 0 || a->b1 < a->b0 || a->b1 > INT64_MAX / a->bs) return ERR_RANGE;
+    if (a->simd && !loralab_dequant4_simd()) return ERR_SIMD;
+    if (a->b1 == a->b0) return 0;  /* nothing is read or written */
+    if (!a->packed || !a->code || !a->out) return ERR_NULL;
+    if (a->packed_len < 0 || a->b1 * (a->bs / 2) > a->packed_len) return ERR_PACKED;
+    if (a->out_len < 0 || a->b1 * a->bs > a->out_len) return ERR_OUT;
+    if (a->absmax_len < 0 || a->b1 > a->absmax_len) return ERR_ABSMAX;
+    if (a->absmax) return 0;
+    if (!a->qabsmax || !a->code8 || !a->nested) return ERR_NULL;
+    if (a->nested_bs < 1 || a->nested_len < 0 || ceil_div(a->b1, a->nested_bs) > a->nested_len)
+        return ERR_NESTED;
+    return 0;
+}
+
+/* Dequantize the whole blocks [a->b0, a->b1) after checking every length (see
+ * loralab_dequant4_args); returns 0, or an error code without touching any buffer.
  * Blocks outside [b0, b1) are neither read nor written. */
-void loralab_dequant4(const uint8_t *packed, const float *absmax, const uint8_t *qabsmax,
-                      const float *code8, const float *nested, float offset, int64_t nested_bs,
-                      const float *code, void *out, int64_t b0, int64_t b1, int64_t bs, int kind,
-                      int simd, int nthreads) {
-    const scales_t sc = {absmax, qabsmax, code8, nested, offset, nested_bs > 0 ? nested_bs : 1};
+int loralab_dequant4(const loralab_dequant4_args *a) {
+    if (!a) return ERR_NULL;
+    const int err = check_args(a);
+    if (err) return err;
+    const uint8_t *packed = a->packed;
+    const float *code = a->code;
+    void *out = a->out;
+    const int64_t b0 = a->b0, b1 = a->b1, bs = a->bs;
+    const int kind = a->kind, simd = a->simd, nthreads = a->nthreads;
+    const scales_t sc = {a->absmax, a->qabsmax, a->code8, a->nested, a->offset, a->nested_bs};
 #ifdef _OPENMP
     if (nthreads > 1) {
 #pragma omp parallel num_threads(nthreads)
@@ -192,11 +246,12 @@ void loralab_dequant4(const uint8_t *packed, const float *absmax, const uint8_t 
             dequant_range(packed, &sc, code, out, b0 + (b1 - b0) * t / T, b0 + (b1 - b0) * (t + 1) / T,
                           bs, kind, simd);
         }
-        return;
+        return 0;
     }
 #endif
     (void)nthreads;
     dequant_range(packed, &sc, code, out, b0, b1, bs, kind, simd);
+    return 0;
 }
 
 /* 1 when built with OpenMP (nthreads > 1 is used), else 0. */
