@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .config import check_adapter_name, compile_regex
+
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 BOTTLENECK_ATTR = "bottleneck_configs"  # model attribute: {adapter_name: AdapterConfig}
 HOOKS_ATTR = "_bottleneck_hooks"  # model attribute: {module path: hook handle}
@@ -51,7 +53,7 @@ class Adapter(nn.Module):
         super().__init__()
         _check_positive("d_model", d_model)
         _check_positive("bottleneck", bottleneck)
-        if activation not in ACTIVATIONS:
+        if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
@@ -80,14 +82,7 @@ class AdapterConfig:
     dropout: float = 0.0  # dropout after the activation; regularises small-data runs
 
     def __post_init__(self):
-        if isinstance(self.after, (tuple, set)):
-            self.after = sorted(self.after)
-        if isinstance(self.after, str):
-            if not self.after:
-                raise ValueError("after must name at least one module, got ''")
-        elif not isinstance(self.after, list) or not self.after or not all(isinstance(a, str) for a in self.after):
-            raise TypeError(f"after must be a non-empty list of module names/patterns or a regex string, "
-                            f"got {self.after!r}")
+        self.after = check_after(self.after, "after")
         Adapter(1, self.bottleneck, self.activation, self.dropout)  # validates the rest
 
     def to_peft_dict(self) -> dict:
@@ -96,20 +91,41 @@ class AdapterConfig:
 
     @classmethod
     def from_peft_dict(cls, d: dict) -> "AdapterConfig":
+        """Read our BOTTLENECK `adapter_config.json`; errors name the JSON key."""
+        if not isinstance(d, dict):
+            raise TypeError(f"adapter_config.json must hold a JSON object, got {type(d).__name__}")
         if d.get("peft_type") != "BOTTLENECK":
             raise ValueError(f"adapter_config.json: peft_type must be 'BOTTLENECK', got {d.get('peft_type')!r}")
-        return cls(after=d.get("after"), bottleneck=d.get("bottleneck", 64),
-                   activation=d.get("activation", "gelu"), dropout=d.get("dropout", 0.0))
+        after = check_after(d.get("after"), "adapter_config.json: after")
+        bottleneck, activation, dropout = d.get("bottleneck", 64), d.get("activation", "gelu"), d.get("dropout", 0.0)
+        try:
+            Adapter(1, bottleneck, activation, dropout)
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"adapter_config.json: {err}") from None
+        return cls(after=after, bottleneck=bottleneck, activation=activation, dropout=dropout)
+
+
+def check_after(after, name: str) -> list[str] | str:
+    """A non-empty list of module names / suffixes / regexes, or one regex; every regex compiles."""
+    if isinstance(after, (tuple, set)) and all(isinstance(a, str) for a in after):
+        after = sorted(after)
+    if isinstance(after, str):
+        if not after:
+            raise ValueError(f"{name} must name at least one module, got ''")
+        compile_regex(name, after)
+        return after
+    if not isinstance(after, list) or not after or not all(isinstance(a, str) and a for a in after):
+        raise TypeError(f"{name} must be a non-empty list of module names/patterns or a regex string, got {after!r}")
+    for i, entry in enumerate(after):
+        compile_regex(f"{name}[{i}]", entry)
+    return after
 
 
 def _match_one(pattern: str, name: str) -> bool:
     """An entry matches a module named exactly so, a suffix after a dot, or (as a regex) the whole name."""
     if name == pattern or name.endswith("." + pattern):
         return True
-    try:
-        return re.fullmatch(pattern, name) is not None
-    except re.error:
-        return False
+    return re.fullmatch(pattern, name) is not None  # compiled already by check_after
 
 
 def resolve_after(model: nn.Module, after: list[str] | str) -> list[str]:
@@ -166,27 +182,39 @@ def add_adapters(model: nn.Module, after: list[str] | str | AdapterConfig, bottl
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_adapter_name(adapter_name)
     config = after if isinstance(after, AdapterConfig) else AdapterConfig(after, bottleneck, activation, dropout)
     if getattr(model, BOTTLENECK_ATTR, None):
         raise ValueError("model already has bottleneck adapters; remove_adapters(model) first")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     names = resolve_after(model, config.after)
     taken = [n for n in names if "adapter" in dict(model.get_submodule(n).named_children())]
     if taken:
         raise ValueError(f"modules {taken} already have a child called 'adapter'")
+    # Build every adapter before touching the model, so a failure (e.g. an output size
+    # that cannot be inferred, a bad d_model) leaves the model as it was.
+    adapters = {name: _new_adapter(model.get_submodule(name), config, d_model, dtype) for name in names}
     for p in model.parameters():
         p.requires_grad_(False)
     hooks = {}
-    for name in names:
+    for name, adapter in adapters.items():
         module = model.get_submodule(name)
-        ref = next(iter(module.parameters()), None)
-        dt = dtype or (torch.float64 if ref is not None and ref.dtype == torch.float64 else torch.float32)
-        size = d_model if d_model is not None else output_features(module)
-        module.adapter = Adapter(size, config.bottleneck, config.activation, config.dropout, dtype=dt,
-                                 device=ref.device if ref is not None else None)
+        module.adapter = adapter
         hooks[name] = module.register_forward_hook(_hook)
     setattr(model, HOOKS_ATTR, hooks)
     setattr(model, BOTTLENECK_ATTR, {adapter_name: copy.deepcopy(config)})
     return names
+
+
+def _new_adapter(module: nn.Module, config: AdapterConfig, d_model: int | None,
+                 dtype: torch.dtype | None) -> Adapter:
+    """The adapter for one sublayer, on its device, float32 (float64 for a float64 sublayer) unless `dtype`."""
+    ref = next(iter(module.parameters()), None)
+    dt = dtype or (torch.float64 if ref is not None and ref.dtype == torch.float64 else torch.float32)
+    size = d_model if d_model is not None else output_features(module)
+    return Adapter(size, config.bottleneck, config.activation, config.dropout, dtype=dt,
+                   device=ref.device if ref is not None else None)
 
 
 def adapter_modules(model: nn.Module) -> dict[str, Adapter]:

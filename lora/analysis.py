@@ -21,6 +21,7 @@ Adapters can be given as a model with LoRA layers, a saved adapter folder, or a 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -34,6 +35,10 @@ __all__ = ["adapter_matrices", "compare_adapters", "effective_rank", "energy_cap
 def _matrix(x, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_meta:
+        raise ValueError(f"{name} is on the meta device (a shape without data); load real weights first")
+    if x.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
     if x.dim() != 2:
         raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(x.shape)}")
     if not (x.is_floating_point() or x.is_complex()):
@@ -57,6 +62,9 @@ def right_singular_vectors(A: torch.Tensor, name: str = "A") -> torch.Tensor:
     """Right-singular vectors of A (r, in) as columns, (in, r'), r' = min(r, in), by
     decreasing singular value: the U_A of LoRA sec. 7.2."""
     A = _matrix(A, name)
+    if not A.any():
+        # The SVD of a zero matrix returns arbitrary directions: phi would be noise.
+        raise ValueError(f"{name} is all zeros: it spans no subspace to compare")
     _, _, Vh = torch.linalg.svd(A, full_matrices=False)  # Vh: (r', in)
     return Vh.T  # (in, r')
 
@@ -182,6 +190,9 @@ def adapter_matrices(source, adapter_name: str = "default") -> dict[str, tuple[t
             or a dict {layer name: (A, B)} (returned as is after checks).
         adapter_name: which adapter of a module's LoRA layers.
     """
+    from .config import check_adapter_name
+
+    check_adapter_name(adapter_name)
     if isinstance(source, dict):
         out = {}
         for name, pair in source.items():
@@ -211,12 +222,18 @@ def _from_module(model: nn.Module, adapter_name: str) -> dict[str, tuple[torch.T
     return out
 
 
+def _natural_key(path: str) -> list:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path)]
+
+
 def _from_folder(directory: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     from .files import read_adapter
 
     _, tensors = read_adapter(directory)
     out = {}
-    for key, A in tensors.items():
+    # The file's key order is the writer's (safetensors orders by dtype and offset), not the
+    # model's: sort by path with numbers compared as numbers, so "layers.2" comes before "layers.10".
+    for key, A in sorted(tensors.items(), key=lambda item: _natural_key(item[0])):
         if key.endswith(".lora_A.weight"):
             name = key[:-len(".lora_A.weight")]
             B = tensors.get(name + ".lora_B.weight")

@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from .config import check_rank
+from .config import check_adapter_name, check_rank
 from .inject import CONFIG_ATTR, lora_layers
 from .layer import LoRAEmbedding, LoRALayer, LoRALinear
 
@@ -33,6 +33,8 @@ def _factor_names(layer: LoRALayer) -> tuple[str, str]:
 def get_factors(layer: LoRALayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(A (r, in), B (out, r)) of one adapter, float64; `delta = scaling * B @ A` ((B A)^T for embeddings)."""
     a_name, b_name = _factor_names(layer)
+    if name not in layer.r:
+        raise ValueError(f"name: adapter {name!r} is not on this layer; it has {sorted(layer.r)}")
     A, B = getattr(layer, a_name)[name], getattr(layer, b_name)[name]
     A = A if isinstance(A, torch.Tensor) else A.weight
     B = B if isinstance(B, torch.Tensor) else B.weight
@@ -75,6 +77,7 @@ def _check_weights(model, weights) -> list[str]:
     for _, layer in lora_layers(model):
         known |= set(layer.r)
     for key, w in weights.items():
+        check_adapter_name(key, "weights key")
         if key not in known:
             raise ValueError(f"weights: adapter {key!r} not found; the model has {sorted(known)}")
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
@@ -88,17 +91,23 @@ def combine_adapters(model: torch.nn.Module, weights: dict[str, float], name: st
 
     Args:
         model: a model with LoRA adapters (`apply_lora` / `load_adapter`).
-        weights: {adapter name: weight}; DoRA adapters are refused (their update is not low-rank).
+        weights: {adapter name: finite weight}; negative weights subtract an update (task negation).
+            DoRA adapters are refused (their update is not low-rank).
         name: the new adapter (added inactive; `set_adapter(model, name)` to use it).
         r: target rank; None keeps every direction (rank `sum r_i`, exact), an int truncates by SVD.
 
     Returns:
         {layer path: relative Frobenius error of the truncation} (0.0 everywhere when exact).
     """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     names = _check_weights(model, weights)
+    check_adapter_name(name, "name")
     if r is not None:
         check_rank(r)
     layers = [(p, layer) for p, layer in lora_layers(model) if any(n in layer.r for n in names)]
+    if not layers:
+        raise ValueError(f"weights: adapters {names} are on no LoRA layer of this model; nothing to combine")
     dora = [p for p, layer in layers if any(getattr(layer, "is_dora", lambda n: False)(n) for n in names
                                            if n in layer.r)]
     if dora:
@@ -109,25 +118,47 @@ def combine_adapters(model: torch.nn.Module, weights: dict[str, float], name: st
         raise ValueError(f"name {name!r} is already an adapter of this model; choose another name")
     for _, layer in layers:
         _factor_names(layer)  # unsupported layer types fail before anything is added
-    errors, ranks = {}, {}
+    # Every new factor is computed (and checked) before the first layer changes.
+    combined = {path: _combined_factors(path, layer, names, weights, r) for path, layer in layers}
     for path, layer in layers:
-        parts = [(get_factors(layer, n), weights[n] * layer.scaling[n]) for n in names if n in layer.r]
-        Bc = torch.cat([B * c for (_, B), c in parts], dim=1)  # (out, R)
-        Ac = torch.cat([A for (A, _), _ in parts], dim=0)  # (R, in)
-        if r is None or r >= Ac.shape[0]:
-            A_new, B_new, errors[path] = Ac, Bc, 0.0
-        else:
-            A_new, B_new, errors[path] = truncate(Bc, Ac, r)
-        rank = A_new.shape[0]
+        A_new, B_new, _ = combined[path]
         first = next(n for n in names if n in layer.r)
-        a_name, _ = _factor_names(layer)
-        dtype = getattr(layer, a_name)[first]
-        dtype = (dtype if isinstance(dtype, torch.Tensor) else dtype.weight).dtype
+        dtype = _factor_dtype(layer, first)
+        rank = A_new.shape[0]
         layer.add_adapter(name, r=rank, alpha=rank, dtype=dtype, activate=False)  # scaling = alpha / r = 1
         _set_factors(layer, name, A_new, B_new)
-        ranks[path] = rank
-    _register_config(model, names, name, r, ranks)
-    return errors
+    _register_config(model, names, name, r, {path: c[0].shape[0] for path, c in combined.items()})
+    return {path: c[2] for path, c in combined.items()}
+
+
+def _factor_dtype(layer: LoRALayer, name: str) -> torch.dtype:
+    """The dtype of one adapter's factors (the combined adapter gets the same)."""
+    a_name, _ = _factor_names(layer)
+    A = getattr(layer, a_name)[name]
+    return (A if isinstance(A, torch.Tensor) else A.weight).dtype
+
+
+def _combined_factors(path: str, layer: LoRALayer, names: list[str], weights: dict[str, float],
+                      r: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, relative truncation error) of the weighted sum on one layer; ValueError if it overflows."""
+    parts = [(get_factors(layer, n), weights[n] * layer.scaling[n]) for n in names if n in layer.r]
+    Bc = torch.cat([B * c for (_, B), c in parts], dim=1)  # (out, R)
+    Ac = torch.cat([A for (A, _), _ in parts], dim=0)  # (R, in)
+    dtype = _factor_dtype(layer, next(n for n in names if n in layer.r))
+    _check_finite(path, Bc, dtype, weights)  # before the SVD, which fails on inf
+    if r is None or r >= Ac.shape[0]:
+        A_new, B_new, error = Ac, Bc, 0.0
+    else:
+        A_new, B_new, error = truncate(Bc, Ac, r)
+    _check_finite(path, A_new, dtype, weights)
+    _check_finite(path, B_new, dtype, weights)
+    return A_new, B_new, error
+
+
+def _check_finite(path: str, factor: torch.Tensor, dtype: torch.dtype, weights: dict) -> None:
+    if not torch.isfinite(factor.to(dtype)).all():
+        raise ValueError(f"weights {weights!r}: the combined update of {path} overflows {dtype} "
+                         "(weights too large); nothing was added")
 
 
 def _register_config(model, names: list[str], name: str, r: int | None, ranks: dict[str, int]) -> None:

@@ -31,28 +31,75 @@ def check_adapter_name(adapter_name, name: str = "adapter_name") -> str:
     return adapter_name
 
 
-def check_rank(r) -> int:
+def check_rank(r, name: str = "r") -> int:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"r must be a positive int, got {r!r}")
+        raise ValueError(f"{name} must be a positive int, got {r!r}")
     return r
 
 
-def check_alpha(alpha) -> float:
+def check_alpha(alpha, name: str = "alpha") -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {alpha!r}")
     return alpha
 
 
-def check_dropout(dropout) -> float:
+def check_dropout(dropout, name: str = "dropout") -> float:
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not (0.0 <= dropout < 1.0):
-        raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        raise ValueError(f"{name} must be a float in [0, 1), got {dropout!r}")
     return float(dropout)
 
 
 def check_choice(name: str, value, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
+
+
+def check_flag(name: str, value) -> bool:
+    """A real bool: `bool("false")` is True, so a string must not pass as a flag."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (true/false), got {type(value).__name__} {value!r}")
+    return value
+
+
+def compile_regex(name: str, pattern: str, used_as: str | None = None) -> re.Pattern:
+    """`re.compile(used_as or pattern)`, a bad `pattern` reported as a ValueError naming the field."""
+    try:
+        return re.compile(pattern if used_as is None else used_as)
+    except (re.error, RecursionError, OverflowError, ValueError) as err:
+        raise ValueError(f"{name}: {pattern!r} is not a valid regular expression ({err})") from None
+
+
+def check_module_list(name: str, value, regex_ok: bool = True) -> list[str] | str | None:
+    """None, a list of module names / suffixes (sets and tuples are sorted), or (when
+    `regex_ok`) one regex string, which is compiled here so a bad one fails up front."""
+    if isinstance(value, (set, tuple)):
+        value = list(value)
+        if all(isinstance(v, str) for v in value):
+            value = sorted(value)
+    if value is None:
+        return None
+    if isinstance(value, str) and regex_ok:
+        compile_regex(name, value)
+        return value
+    if not isinstance(value, list):
+        raise TypeError(f"{name} must be a list of module names, a regex string or None, got {type(value).__name__}")
+    for i, entry in enumerate(value):
+        if not isinstance(entry, str):
+            raise TypeError(f"{name}[{i}] must be a module name (str), got {type(entry).__name__} {entry!r}")
+    return value
+
+
+def check_patterns(name: str, patterns, check_value, value_name: str) -> dict:
+    """{regex: value} with str keys that compile (in `pattern_key`'s form) and checked values."""
+    if not isinstance(patterns, dict):
+        raise TypeError(f"{name} must be a dict {{module regex: value}}, got {type(patterns).__name__}")
+    for key, value in patterns.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{name} keys must be regex strings, got {type(key).__name__} {key!r}")
+        compile_regex(f"{name}[{key!r}]", key, used_as=rf"(.*\.)?({key})$")
+        check_value(value, f"{name}[{key!r}]: {value_name}")
+    return dict(patterns)
 
 
 def scaling_for(r: int, alpha: float, rslora: bool) -> float:
@@ -66,6 +113,55 @@ def pattern_key(patterns: dict, module_name: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key
     return None
+
+
+def check_fields(values: dict, label) -> dict:
+    """The checked (and normalised) values of LoRAConfig's fields; `label(field)` is the
+    name an error uses (the field itself, or the JSON key of adapter_config.json)."""
+    out = dict(values)
+    out["r"] = check_rank(values["r"], label("r"))
+    out["alpha"] = check_alpha(values["alpha"], label("alpha"))
+    out["dropout"] = check_dropout(values["dropout"], label("dropout"))
+    check_choice(label("bias"), values["bias"], BIAS_MODES)
+    check_choice(label("init"), values["init"], INIT_MODES)
+    for flag in ("rslora", "fan_in_fan_out", "dora"):
+        check_flag(label(flag), values[flag])
+    out["rank_pattern"] = check_patterns(label("rank_pattern"), values["rank_pattern"], check_rank, "r")
+    out["alpha_pattern"] = check_patterns(label("alpha_pattern"), values["alpha_pattern"], check_alpha, "alpha")
+    for name in ("target_modules", "exclude_modules", "modules_to_save"):
+        out[name] = check_module_list(label(name), values[name])
+    if out["target_modules"] is None:
+        raise ValueError(f"{label('target_modules')} must be given: a list of module names, a regex, or 'all-linear'")
+    return out
+
+
+# LoRAConfig field -> (key in PEFT's adapter_config.json, default when the key is absent)
+PEFT_KEYS = {
+    "r": ("r", 8), "alpha": ("lora_alpha", 8), "dropout": ("lora_dropout", 0.0),
+    "target_modules": ("target_modules", None), "exclude_modules": ("exclude_modules", None),
+    "bias": ("bias", "none"), "rslora": ("use_rslora", False), "init": ("init_lora_weights", True),
+    "fan_in_fan_out": ("fan_in_fan_out", False), "rank_pattern": ("rank_pattern", {}),
+    "alpha_pattern": ("alpha_pattern", {}), "modules_to_save": ("modules_to_save", None),
+    "dora": ("use_dora", False),
+}
+# PEFT features that change what the weights mean; a file using one would load wrongly, so it is refused.
+UNSUPPORTED_PEFT_KEYS = ("layers_to_transform", "layer_replication", "lora_bias", "target_parameters",
+                         "trainable_token_indices", "use_qalora", "alora_invocation_tokens")
+
+
+def _init_from_peft(init) -> str:
+    """PEFT's `init_lora_weights`: True / False / "eva" (the init only chose the starting A;
+    the file holds the trained one) or "gaussian". Other schemes (PiSSA, OLoRA, LoftQ, ...)
+    also rewrite the base weights, so their adapters would load wrongly and are refused."""
+    if isinstance(init, bool) or init == "eva":
+        return "kaiming"
+    if init == "gaussian":
+        return "gaussian"
+    if isinstance(init, str):
+        raise ValueError(f"adapter_config.json: init_lora_weights must be true, false, 'gaussian' or 'eva', "
+                         f"got {init!r} (schemes that change the base weights are not supported)")
+    raise TypeError(f"adapter_config.json: init_lora_weights must be a bool or 'gaussian', "
+                    f"got {type(init).__name__} {init!r}")
 
 
 @dataclass
@@ -92,31 +188,9 @@ class LoRAConfig:
     dora: bool = False  # DoRA (Liu et al. 2024): learn row magnitudes too; closer to full fine-tuning, slower step
 
     def __post_init__(self):
-        check_rank(self.r)
-        check_alpha(self.alpha)
-        self.dropout = check_dropout(self.dropout)
-        check_choice("bias", self.bias, BIAS_MODES)
-        check_choice("init", self.init, INIT_MODES)
-        for key, value in self.rank_pattern.items():
-            try:
-                check_rank(value)
-            except ValueError as err:
-                raise ValueError(f"rank_pattern[{key!r}]: {err}") from None
-        for key, value in self.alpha_pattern.items():
-            try:
-                check_alpha(value)
-            except ValueError as err:
-                raise ValueError(f"alpha_pattern[{key!r}]: {err}") from None
-        for name in ("target_modules", "exclude_modules", "modules_to_save"):
-            value = getattr(self, name)
-            if isinstance(value, (set, tuple)):
-                setattr(self, name, sorted(value))
-            elif value is not None and not isinstance(value, (str, list)):
-                raise TypeError(f"{name} must be a list of names, a regex string or None, got {type(value).__name__}")
-        if not isinstance(self.dora, bool):
-            raise TypeError(f"dora must be a bool, got {type(self.dora).__name__}")
-        if self.target_modules is None:
-            raise ValueError("target_modules must be given: a list of module names, a regex, or 'all-linear'")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key, value in check_fields(values, lambda name: name).items():
+            setattr(self, key, value)
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """(r, alpha) for one module, after `rank_pattern` / `alpha_pattern`."""
@@ -142,22 +216,22 @@ class LoRAConfig:
 
     @classmethod
     def from_peft_dict(cls, d: dict) -> "LoRAConfig":
-        """Read PEFT's `adapter_config.json` (LoRA and DoRA; other variants are refused)."""
+        """Read PEFT's `adapter_config.json` (LoRA and DoRA; other variants are refused).
+
+        Every field is type-checked here, and errors name the JSON key (`use_rslora`, not `rslora`)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"adapter_config.json must hold a JSON object, got {type(d).__name__}")
         if d.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"adapter_config.json: peft_type must be 'LORA', got {d.get('peft_type')!r}")
-        for unsupported in ("layers_to_transform", "layer_replication", "lora_bias"):
-            if d.get(unsupported):
-                raise ValueError(f"adapter_config.json: {unsupported}={d[unsupported]!r} is not supported")
-        init = d.get("init_lora_weights", True)
-        return cls(
-            r=d.get("r", 8), alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
-            target_modules=d.get("target_modules"), exclude_modules=d.get("exclude_modules"),
-            bias=d.get("bias", "none"), rslora=bool(d.get("use_rslora", False)),
-            init="gaussian" if init == "gaussian" else "kaiming",
-            fan_in_fan_out=bool(d.get("fan_in_fan_out", False)),
-            rank_pattern=dict(d.get("rank_pattern") or {}), alpha_pattern=dict(d.get("alpha_pattern") or {}),
-            modules_to_save=d.get("modules_to_save"), dora=bool(d.get("use_dora", False)),
-        )
+        for unsupported in UNSUPPORTED_PEFT_KEYS:
+            value = d.get(unsupported)
+            if not (value is None or value is False or value == [] or value == {}):  # 0 is layer 0: refused
+                raise ValueError(f"adapter_config.json: {unsupported}={value!r} is not supported")
+        values = {name: d.get(key, default) for name, (key, default) in PEFT_KEYS.items()}
+        for name in ("rank_pattern", "alpha_pattern"):  # PEFT writes {}, older files null
+            values[name] = {} if values[name] is None else values[name]
+        values["init"] = _init_from_peft(d.get("init_lora_weights", True))
+        return cls(**check_fields(values, lambda name: f"adapter_config.json: {PEFT_KEYS[name][0]}"))
 
     def to_dict(self) -> dict:
         return asdict(self)

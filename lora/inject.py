@@ -7,6 +7,7 @@ each targeted layer is replaced by its LoRA wrapper, chosen from `LORA_LAYER_TYP
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import re
 from contextlib import contextmanager
@@ -15,9 +16,9 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from .config import ALL_LINEAR, BIAS_MODES, LoRAConfig, check_choice
+from .config import ALL_LINEAR, BIAS_MODES, LoRAConfig, check_adapter_name, check_choice
 from .dora import check_dora_targets
-from .layer import LoRAEmbedding, LoRALayer, LoRALinear, _is_conv1d
+from .layer import LoRAEmbedding, LoRALayer, LoRALinear, _is_conv1d, adapter_name_list, check_bool
 
 # base layer type -> LoRA wrapper type; "linear-like" types are the ones "all-linear" picks.
 LORA_LAYER_TYPES: dict[type, type] = {nn.Linear: LoRALinear, nn.Embedding: LoRAEmbedding}
@@ -55,18 +56,65 @@ def _is_linear_like(module: nn.Module) -> bool:
     return _is_conv1d(module) or any(cls in LINEAR_LIKE_TYPES for cls in type(module).__mro__)
 
 
+def _check_model(model) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    return model
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALayer]]:
-    """(qualified name, layer) for every LoRA layer in the model."""
+    """(qualified name, layer) for every LoRA layer in the model (a shared one once, by its first name)."""
+    _check_model(model)
     for name, module in model.named_modules():
         if isinstance(module, LoRALayer):
             yield name, module
 
 
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Named modules that could be targeted: not the root, not inside a LoRA layer."""
-    inside = [name for name, _ in lora_layers(model)]
-    return [(name, m) for name, m in model.named_modules()
+    """Named modules that could be targeted: not the root, not inside a LoRA layer.
+
+    A module registered under several names (shared) appears once per name."""
+    every = list(model.named_modules(remove_duplicate=False))
+    inside = [name for name, m in every if isinstance(m, LoRALayer)]
+    return [(name, m) for name, m in every
             if name and not any(name.startswith(p + ".") for p in inside)]
+
+
+def _paths_by_module(candidates: list[tuple[str, nn.Module]]) -> dict[int, list[str]]:
+    """id(module) -> every name it is registered under, first (canonical) name first."""
+    paths: dict[int, list[str]] = {}
+    for name, m in candidates:
+        paths.setdefault(id(m), []).append(name)
+    return paths
+
+
+def check_patterns(config: LoRAConfig) -> None:
+    """Regexes (a str target/exclude, rank/alpha pattern keys) must compile, list entries must be
+    str: bad ones raise ValueError/TypeError naming the field, not `re.error` mid-way."""
+    for field in ("target_modules", "exclude_modules", "modules_to_save"):
+        value = getattr(config, field)
+        if isinstance(value, str):
+            if field == "modules_to_save":
+                raise TypeError(f"modules_to_save must be a list of module names, got the str {value!r}")
+            if field == "target_modules" and value.lower() == ALL_LINEAR:
+                continue
+            _compile(value, field)
+        elif isinstance(value, list):
+            bad = [v for v in value if not isinstance(v, str) or not v]
+            if bad:
+                raise TypeError(f"{field} must hold non-empty module names (str), got {bad!r}")
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field):
+            if not isinstance(key, str):
+                raise TypeError(f"{field} keys must be regex strings, got {key!r}")
+            _compile(key, f"{field} key")
+
+
+def _compile(pattern: str, field: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{field}={pattern!r} is not a valid regular expression: {err}") from None
 
 
 def _matches(patterns: list[str] | str | None, name: str) -> bool:
@@ -107,11 +155,25 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
     """Qualified names of the modules `config` targets, or ValueError listing the candidates."""
+    return [group[0] for group in _target_groups(model, config)]
+
+
+def _target_groups(model: nn.Module, config: LoRAConfig) -> list[list[str]]:
+    """One list per targeted module: every name it is registered under (canonical first).
+
+    A module shared under several names is one target: it gets one wrapper, which all its
+    names then point to. If one of its names is targeted and another excluded, that is
+    ambiguous and raises ValueError naming both."""
+    _check_model(model)
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+    check_patterns(config)
     candidates = _candidates(model)
     wrappable = [n for n, m in candidates if isinstance(m, LoRALayer) or _wrapper_for(m) is not None]
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
-        heads = output_head_names(model)
-        names = [n for n, m in candidates if _is_linear_like(m) and n not in heads]
+        modules = dict(candidates)
+        heads = {id(modules[n]) for n in output_head_names(model)}  # by identity: a head has one wrapper
+        names = [n for n, m in candidates if _is_linear_like(m) and id(m) not in heads]
     else:
         names = [n for n, _ in candidates if _matches(config.target_modules, n)]
     names = [n for n in names if not _matches(config.exclude_modules, n)
@@ -127,7 +189,16 @@ def resolve_targets(model: nn.Module, config: LoRAConfig) -> list[str]:
         supported = sorted({c.__name__ for c in LORA_LAYER_TYPES} | {"Conv1D"})
         raise ValueError(f"target_modules={config.target_modules!r} matched modules LoRA cannot wrap: {bad}; "
                          f"supported types: {supported}")
-    return names
+    paths = _paths_by_module(candidates)
+    groups = {id(modules[n]): paths[id(modules[n])] for n in names}
+    for group in groups.values():
+        left_out = [p for p in group if _matches(config.exclude_modules, p) or _matches(config.modules_to_save, p)]
+        if left_out:
+            targeted = [p for p in group if p in names]
+            raise ValueError(f"one module is registered under the names {group} (shared): {targeted} are "
+                             f"targeted but {left_out} excluded by exclude_modules/modules_to_save; a shared "
+                             "module gets one wrapper for all its names, so target or exclude all of them")
+    return list(groups.values())
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -135,14 +206,51 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _record_tied_weights(model: nn.Module) -> dict[str, list[str]]:
+    """Set `layer.tied_with` on every LoRA layer: the other modules holding the same base
+    weight Parameter (tied embeddings, e.g. `head.weight = embed.weight`). Merging into a
+    tied weight would change those modules too, and add the update twice when both carry
+    adapters, so merge refuses them. Returns {layer path: tied paths} for the tied ones."""
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module._parameters.items():
+            if p is not None:
+                holders.setdefault(id(p), []).append((f"{path}.{pname}" if path else pname, module))
+    layers = list(lora_layers(model))
+    tied = {}
+    for path, layer in layers:
+        weight = getattr(layer.base_layer, "weight", None)
+        others = sorted({p for p, m in holders.get(id(weight), []) if m is not layer.base_layer}) \
+            if isinstance(weight, nn.Parameter) else []
+        # two wrappers built (by hand) around one base layer share its weight too
+        others += [f"{p}.base_layer" for p, other in layers if other is not layer and other.base_layer is layer.base_layer]
+        layer.tied_with = others
+        layer.path = path  # for messages only: layer.merge() can then name itself
+        if others:
+            tied[path] = others
+    return tied
+
+
+def replace_module(model: nn.Module, module: nn.Module, replacement: nn.Module) -> list[str]:
+    """Put `replacement` at every name `module` is registered under in `model` (a shared
+    module has several); returns those names. Use it to undo a wrapping: setting one name
+    would leave the module's other names pointing to the old object."""
+    paths = _paths_by_module(list(_check_model(model).named_modules(remove_duplicate=False))).get(id(module), [])
+    for path in paths:
+        if path:  # the root itself cannot be replaced in place
+            _set_submodule(model, path, replacement)
+    return paths
+
+
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     """Freeze everything but the active adapters; `bias` = "all" also trains every bias,
     "lora_only" the biases of LoRA-wrapped layers (LoRA sec. 4.2 trains no biases)."""
+    _check_model(model)
     check_choice("bias", bias, BIAS_MODES)
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in lora_layers(model):
-        layer.set_adapter(layer.active_adapters)
+        layer._activate(layer.active_adapters)
         if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             layer.base_layer.bias.requires_grad_(True)
     if bias == "all":
@@ -152,6 +260,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
 
 
 def modules_to_save_names(model: nn.Module, config: LoRAConfig) -> list[str]:
+    check_patterns(config)
     names = [n for n, _ in _candidates(model) if _matches(config.modules_to_save, n)]
     if config.modules_to_save and not names:
         raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module; candidate module "
@@ -165,45 +274,44 @@ def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defaul
 
     Args:
         model: any nn.Module.
-        config: where and how big (see `LoRAConfig`).
-        adapter_name: name of this adapter; a second `apply_lora` with another name adds
-            a second (inactive) adapter to layers already wrapped.
+        config: where and how big (see `LoRAConfig`); re-checked here, since its fields
+            may have been edited after construction.
+        adapter_name: name of this adapter (`[A-Za-z0-9_-]{1,128}`); a second `apply_lora`
+            with another name adds a second (inactive) adapter to layers already wrapped.
         dtype: adapter dtype (default float32; float64 for float64 bases).
 
     Returns:
-        The qualified names of the wrapped modules.
+        The qualified names of the wrapped modules (a shared module once, by its first name).
 
+    Everything is checked before the model is touched. New modules take the training flag
+    of the layer they wrap (a model in `eval()` gets adapters in eval mode, as in PEFT). A
+    module registered under several names gets one wrapper that all its names point to.
     Modules in `config.modules_to_save` are trained in full, in place (shared by all
     adapters, unlike PEFT's copies).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_model(model)
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+    config = dataclasses.replace(config)  # re-runs LoRAConfig's checks on fields edited since construction
+    check_adapter_name(adapter_name)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     configs = getattr(model, CONFIG_ATTR, None) or {}
     if adapter_name in configs:
         raise ValueError(f"adapter_name {adapter_name!r} is already applied to this model; "
                          "LoRA cannot be applied twice with the same name (use another adapter_name)")
-    names = resolve_targets(model, config)
+    groups = _target_groups(model, config)
+    names = [group[0] for group in groups]
     save_names = modules_to_save_names(model, config)
+    sizes = {name: _rank_and_alpha(config, group) for name, group in zip(names, groups, strict=True)}
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, LoRALayer) and adapter_name in module.r:
             raise ValueError(f"{name} already has adapter {adapter_name!r}; LoRA cannot be applied twice")
     if config.dora:
         check_dora_targets(model, names)
-    for name in names:
-        module = model.get_submodule(name)
-        r, alpha = config.rank_and_alpha(name)
-        kwargs = dict(adapter_name=adapter_name, rslora=config.rslora, init=config.init, dtype=dtype)
-        if isinstance(module, LoRALayer):
-            module.add_adapter(r=r, alpha=alpha, dropout=config.dropout if isinstance(module, LoRALinear) else 0.0,
-                               **kwargs)
-        else:
-            wrapper = _wrapper_for(module)
-            dropout = config.dropout if wrapper is not LoRAEmbedding else 0.0
-            _set_submodule(model, name, wrapper.from_layer(module, r=r, alpha=alpha, dropout=dropout,
-                                                           fan_in_fan_out=config.fan_in_fan_out or None, **kwargs))
+    for group in groups:
+        _wrap(model, group, config, adapter_name, dtype, *sizes[group[0]])
     if config.dora:
         for name in names:
             model.get_submodule(name).enable_dora(adapter_name)
@@ -215,39 +323,79 @@ def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defaul
     mark_only_lora_as_trainable(model, config.bias)
     for name in save_names:
         model.get_submodule(name).requires_grad_(True)
+    _record_tied_weights(model)
     return names
 
 
-def set_adapter(model: nn.Module, adapter_names: str | Iterable[str]) -> None:
-    """Activate these adapters on every LoRA layer that has them (switching task = switching A and B)."""
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+def _rank_and_alpha(config: LoRAConfig, group: list[str]) -> tuple[int, float]:
+    """(r, alpha) of a target; a shared module's names must agree on them."""
+    sizes = {path: config.rank_and_alpha(path) for path in group}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"rank_pattern/alpha_pattern give different (r, alpha) to the names of one shared "
+                         f"module: {sizes}; it gets one adapter, so they must agree")
+    return sizes[group[0]]
+
+
+def _wrap(model: nn.Module, group: list[str], config: LoRAConfig, adapter_name: str,
+          dtype: torch.dtype | None, r: int, alpha: float) -> None:
+    """Add the adapter to the module at `group[0]` (wrapping it first) and point every name in
+    `group` (the names of one shared module) to the wrapper."""
+    module = model.get_submodule(group[0])
+    kwargs = dict(adapter_name=adapter_name, rslora=config.rslora, init=config.init, dtype=dtype)
+    if isinstance(module, LoRALayer):
+        dropout = config.dropout if isinstance(module, LoRALinear) else 0.0
+        module.add_adapter(r=r, alpha=alpha, dropout=dropout, **kwargs)
+        return
+    wrapper_cls = _wrapper_for(module)
+    dropout = config.dropout if wrapper_cls is not LoRAEmbedding else 0.0
+    wrapper = wrapper_cls.from_layer(module, r=r, alpha=alpha, dropout=dropout,
+                                     fan_in_fan_out=config.fan_in_fan_out or None, **kwargs)
+    for path in group:
+        _set_submodule(model, path, wrapper)
+
+
+def _known_adapters(model: nn.Module) -> set[str]:
     known = set(getattr(model, CONFIG_ATTR, None) or {})
     for _, layer in lora_layers(model):
         known |= set(layer.r)
+    return known
+
+
+def set_adapter(model: nn.Module, adapter_names: str | Iterable[str]) -> None:
+    """Activate these adapters on every LoRA layer that has them (switching task = switching A and B).
+
+    `adapter_names`: one name or a non-empty list; to run the base alone use `disable_adapters`."""
+    _check_model(model)
+    names = adapter_name_list(adapter_names)
+    known = _known_adapters(model)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"adapter_names {unknown} not found; the model has {sorted(known)}")
     for _, layer in lora_layers(model):
-        layer.set_adapter([n for n in names if n in layer.r])
+        layer._activate([n for n in names if n in layer.r])
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove one adapter from every layer (layers left with no adapter keep working as their base)."""
+    _check_model(model)
+    check_adapter_name(adapter_name)
     configs = getattr(model, CONFIG_ATTR, None) or {}
-    found = False
-    for _, layer in lora_layers(model):
-        if adapter_name in layer.r:
-            layer.delete_adapter(adapter_name)
-            found = True
-    if not found and adapter_name not in configs:
+    layers = [(path, layer) for path, layer in lora_layers(model) if adapter_name in layer.r]
+    if not layers and adapter_name not in configs:
         raise ValueError(f"adapter_name {adapter_name!r} not found; the model has {sorted(configs)}")
+    merged = [path for path, layer in layers if adapter_name in layer.merged_adapters]
+    if merged:  # checked for every layer first, so a refusal leaves the model as it was
+        raise ValueError(f"adapter {adapter_name!r} is merged in {merged}; unmerge() before deleting it")
+    for _, layer in layers:
+        layer.delete_adapter(adapter_name)
     configs.pop(adapter_name, None)
 
 
 @contextmanager
 def disable_adapters(model: nn.Module):
     """Run the base model alone inside the block: merged adapters are unmerged on entry
-    and merged back on exit. (`modules_to_save` and trained biases stay as trained.)"""
+    and merged back on exit. (`modules_to_save` and trained biases stay as trained.)
+    4-bit layers restore their pre-merge weight exactly, so blocks do not add up errors."""
     layers = [layer for _, layer in lora_layers(model)]
     merged = {id(layer): list(layer.merged_adapters) for layer in layers}
     previous = {id(layer): layer.disabled for layer in layers}
@@ -270,16 +418,37 @@ def merge_and_unload(model: nn.Module, **kwargs) -> nn.Module:
 
     Each layer gets the keyword arguments its own `merge_and_unload` takes, so
     `requantize=True` reaches the 4-bit layers of a model that also has plain ones; an
-    argument that no layer takes is an error.
+    argument that no layer takes is an error. `adapter_names` may name adapters that only
+    some layers have. Every layer is checked (tied weights, and with `safe_merge` non-finite
+    values, named by layer path) before any is merged.
     """
     layers = list(lora_layers(model))
     accepted = {id(layer): set(inspect.signature(layer.merge_and_unload).parameters) for _, layer in layers}
     unknown = set(kwargs) - set().union(*accepted.values()) if layers else set(kwargs)
     if unknown:
         raise TypeError(f"merge_and_unload got keyword arguments no LoRA layer takes: {sorted(unknown)}")
-    for name, layer in layers:
+    safe_merge = check_bool("safe_merge", kwargs.get("safe_merge", False))
+    names = kwargs.get("adapter_names")
+    if names is not None:
+        names = adapter_name_list(names)
+        missing = [n for n in names if n not in _known_adapters(model)]
+        if missing:
+            raise ValueError(f"adapter_names {missing} not found; the model has {sorted(_known_adapters(model))}")
+    _record_tied_weights(model)  # ties made after apply_lora count too
+    per_layer = {}
+    for path, layer in layers:
+        own = None if names is None else [n for n in names if n in layer.r]
+        todo = layer._adapters_to_merge(own)
+        if todo and safe_merge:
+            layer._merged_weight(todo, True, path)  # computed and dropped: a refusal leaves the model as it was
+        elif todo:
+            layer.check_mergeable(todo, False, path)
+        per_layer[id(layer)] = own
+    for _, layer in layers:
         own = {k: v for k, v in kwargs.items() if k in accepted[id(layer)]}
-        _set_submodule(model, name, layer.merge_and_unload(**own))
+        if names is not None:
+            own["adapter_names"] = per_layer[id(layer)]
+        replace_module(model, layer, layer.merge_and_unload(**own))  # every name of a shared layer
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
     return model
@@ -287,10 +456,10 @@ def merge_and_unload(model: nn.Module, **kwargs) -> nn.Module:
 
 def unload(model: nn.Module) -> nn.Module:
     """Replace every LoRA layer by its base layer, dropping the adapters (unmerging first)."""
-    for name, layer in list(lora_layers(model)):
+    for _, layer in list(lora_layers(model)):
         if layer.merged:
             layer.unmerge()
-        _set_submodule(model, name, layer.base_layer)
+        replace_module(model, layer, layer.base_layer)  # every name of a shared layer
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
     return model
@@ -313,6 +482,7 @@ def _quantized_weight_count(model: nn.Module) -> int:
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts; shared (tied) tensors count once, frozen 4-bit
     weights count one per value."""
+    _check_model(model)
     trainable = total = 0
     for p in model.parameters():
         n = _param_count(p)

@@ -18,8 +18,63 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import INIT_MODES, check_alpha, check_choice, check_dropout, check_rank, scaling_for
+from .config import (
+    INIT_MODES,
+    check_adapter_name,
+    check_alpha,
+    check_choice,
+    check_dropout,
+    check_rank,
+    scaling_for,
+)
 from .dora import factored_row_norm, weight_row_sq_norm
+
+
+def check_adapter_args(adapter_name, r, alpha, dropout, rslora=False, init="kaiming", dtype=None) -> None:
+    """Validate the arguments of one new adapter (before any layer or weight is touched)."""
+    check_adapter_name(adapter_name)
+    check_rank(r)
+    check_alpha(alpha)
+    check_dropout(dropout)
+    check_bool("rslora", rslora)
+    check_choice("init", init, INIT_MODES)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float32) or None, got {dtype!r}")
+
+
+def _check_device(device):
+    """None, or something `torch.device` accepts (a ValueError naming `device` otherwise)."""
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be None, a torch.device or a device string such as 'cpu', "
+                         f"got {device!r} ({err})") from None
+
+
+def check_bool(name: str, value) -> bool:
+    # A truthy string such as "False" must not silently switch a feature on.
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def adapter_name_list(adapter_names, name: str = "adapter_names", allow_empty: bool = False) -> list[str]:
+    """`adapter_names` as a list: one str is one name (never its characters); at least one
+    name unless `allow_empty`."""
+    if isinstance(adapter_names, str):
+        names = [adapter_names]
+    elif isinstance(adapter_names, (list, tuple)):
+        names = list(adapter_names)
+    else:
+        raise TypeError(f"{name} must be an adapter name (str) or a list of them, got {type(adapter_names).__name__}")
+    if not names and not allow_empty:
+        raise ValueError(f"{name} must name at least one adapter, got an empty list "
+                         "(to run the base layers alone use disable_adapters(model))")
+    for n in names:
+        check_adapter_name(n, name)
+    return names
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -45,6 +100,20 @@ def _default_adapter_dtype(base_dtype: torch.dtype | None) -> torch.dtype:
     return torch.float64 if base_dtype == torch.float64 else torch.float32
 
 
+def _check_base_shape(base_layer: nn.Module, in_features: int, out_features: int, fan_in_fan_out: bool) -> None:
+    """A given base layer must have the sizes the wrapper is told, or forward fails far away."""
+    if not isinstance(base_layer, nn.Module):
+        raise TypeError(f"base_layer must be an nn.Module, got {type(base_layer).__name__}")
+    sizes = (getattr(base_layer, "in_features", None), getattr(base_layer, "out_features", None))
+    weight = getattr(base_layer, "weight", None)
+    if None in sizes and isinstance(weight, torch.Tensor) and weight.dim() == 2 \
+            and not isinstance(weight, nn.parameter.UninitializedParameter):
+        sizes = tuple(weight.shape) if fan_in_fan_out else tuple(reversed(weight.shape))
+    if None not in sizes and sizes != (in_features, out_features):
+        raise ValueError(f"in_features, out_features = ({in_features}, {out_features}) do not match base_layer "
+                         f"{type(base_layer).__name__} with ({sizes[0]}, {sizes[1]})")
+
+
 class LoRALayer(nn.Module):
     """Adapter bookkeeping shared by `LoRALinear` and `LoRAEmbedding`.
 
@@ -53,6 +122,13 @@ class LoRALayer(nn.Module):
     """
 
     adapter_dict_names: tuple[str, ...] = ()
+    # True: merge() keeps a copy of the pre-merge base weight (one more weight's worth of
+    # memory while merged) so unmerge() restores it bit-exact. False (the default, PEFT's
+    # behaviour): unmerge() subtracts the delta again, which rounds twice, so each
+    # merge/unmerge cycle of a bfloat16 layer moves about 1/4 of its weights by an ulp.
+    # Doubling a dense model's weight memory on merge would surprise more users than that;
+    # QLoRALinear always keeps its 4-bit original, where re-quantizing compounds instead.
+    keep_premerge_weight: bool = False
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -67,6 +143,12 @@ class LoRALayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        self.tied_with: list[str] = []  # other modules holding our base weight (set by apply_lora)
+        self.path: str | None = None  # qualified name in the model (set by apply_lora), for messages
+        self._premerge_weight: torch.Tensor | None = None  # base weight before the first merge (see merge)
+        # New modules follow the wrapped layer's mode: a wrapper created under model.eval()
+        # must not bring dropout in training mode (PEFT does the same).
+        self.training = base_layer.training  # not train(): that would also reset the base's children
         for p in base_layer.parameters():
             p.requires_grad_(False)
 
@@ -86,40 +168,66 @@ class LoRALayer(nn.Module):
     def add_adapter(self, adapter_name: str = "default", r: int = 8, alpha: float = 16, dropout: float = 0.0,
                     rslora: bool = False, init: str = "kaiming", dtype: torch.dtype | None = None,
                     activate: bool | None = None) -> None:
-        """Add a fresh adapter. It becomes active if it is the first one (or `activate=True`)."""
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+        """Add a fresh adapter. It becomes active if it is the first one (or `activate=True`).
+
+        Its modules take this layer's training flag (`self.training`)."""
+        check_adapter_args(adapter_name, r, alpha, dropout, rslora, init, dtype)
+        if activate is not None:
+            check_bool("activate", activate)
         if adapter_name in self.r:
             raise ValueError(f"adapter_name {adapter_name!r} already exists on this layer; "
                              "LoRA cannot be applied twice with the same adapter name")
-        check_rank(r)
-        check_alpha(alpha)
-        check_dropout(dropout)
-        check_choice("init", init, INIT_MODES)
         device, base_dtype = _base_device_dtype(self.base_layer)
         dtype = dtype or _default_adapter_dtype(base_dtype)
         self._create_adapter(adapter_name, r, dropout, device, dtype)
+        self._follow_training_flag(adapter_name)
         self.r[adapter_name] = r
         self.set_scale(adapter_name, alpha, rslora)
         self.reset_adapter(adapter_name, init)
         if activate or (activate is None and not self.active_adapters):
             self.set_adapter(self.active_adapters + [adapter_name])
 
+    def _follow_training_flag(self, adapter_name: str) -> None:
+        """Put the new adapter's modules (A, B, dropout, ...) in this layer's mode."""
+        for dict_name in self.adapter_dict_names + ("lora_dropout",):
+            container = getattr(self, dict_name, None)
+            if container is None:
+                continue
+            container.training = self.training
+            if adapter_name in container and isinstance(container[adapter_name], nn.Module):
+                container[adapter_name].train(self.training)
+
+    def _check_known(self, adapter_name, name: str = "adapter_name") -> str:
+        """A valid name of an adapter this layer has, else ValueError/TypeError naming `name`."""
+        check_adapter_name(adapter_name, name)
+        if adapter_name not in self.r:
+            raise ValueError(f"{name} {adapter_name!r} not found; this layer has {self.adapter_names}")
+        return adapter_name
+
     def set_scale(self, adapter_name: str, alpha: float, rslora: bool = False) -> None:
         """Set `alpha` and `scaling = alpha / r` (or `alpha / sqrt(r)` with rsLoRA) of one adapter."""
+        self._check_known(adapter_name)
         check_alpha(alpha)
+        check_bool("rslora", rslora)
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before changing its scaling")
         self.alpha[adapter_name] = alpha
         self.scaling[adapter_name] = scaling_for(self.r[adapter_name], alpha, rslora)
 
     def set_adapter(self, adapter_names: str | Iterable[str]) -> None:
-        """Make these adapters active (trainable, used in forward); the others inactive and frozen."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        """Make these adapters active (trainable, used in forward); the others inactive and frozen.
+
+        `adapter_names` is one name or a non-empty list (use `disabled = True` or
+        `disable_adapters(model)` to run the base alone)."""
+        names = adapter_name_list(adapter_names)
         unknown = [n for n in names if n not in self.r]
         if unknown:
             raise ValueError(f"adapter_names {unknown} not found; this layer has {self.adapter_names}")
-        self.active_adapters = names
+        self._activate(names)
+
+    def _activate(self, names: list[str]) -> None:
+        """Set the active adapters (maybe none: bookkeeping after a delete) and their requires_grad."""
+        self.active_adapters = list(names)
         for dict_name in self.adapter_dict_names:
             container = getattr(self, dict_name)
             for name in self.r:
@@ -132,13 +240,12 @@ class LoRALayer(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove one adapter (it must not be merged)."""
-        if adapter_name not in self.r:
-            raise ValueError(f"adapter_name {adapter_name!r} not found; this layer has {self.adapter_names}")
+        self._check_known(adapter_name)
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before deleting it")
-        for dict_name in self.adapter_dict_names:
-            container = getattr(self, dict_name)
-            if adapter_name in container:
+        for dict_name in (*self.adapter_dict_names, "lora_dropout"):  # dropout holds no weights, but is per adapter
+            container = getattr(self, dict_name, None)
+            if container is not None and adapter_name in container:
                 del container[adapter_name]
         for d in (self.r, self.alpha, self.scaling):
             del d[adapter_name]
@@ -155,30 +262,78 @@ class LoRALayer(nn.Module):
 
     def _adapters_to_merge(self, adapter_names: Iterable[str] | None) -> list[str]:
         """The active (or given) adapters not merged yet; unknown names raise ValueError."""
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        if adapter_names is None:
+            names = list(self.active_adapters)
+        else:  # an empty list merges nothing (as PEFT)
+            names = adapter_name_list(adapter_names, allow_empty=True)
         for name in names:
             if name not in self.r:
                 raise ValueError(f"adapter_names: {name!r} not found; this layer has {self.adapter_names}")
-        return [name for name in names if name not in self.merged_adapters]
+        return [name for name in dict.fromkeys(names) if name not in self.merged_adapters]
+
+    def _label(self) -> str:
+        """How messages name this layer: its path in the model when apply_lora recorded one."""
+        return self.path or f"this {type(self).__name__}"
+
+    def check_mergeable(self, names: list[str], safe_merge: bool, label: str | None = None) -> None:
+        """Raise ValueError (naming `label`, the layer's path when known) if merging `names`
+        would be wrong: a tied base weight (the update would reach every module sharing it,
+        and twice when both carry adapters), a meta weight, or with `safe_merge` a non-finite
+        base weight or delta. Called before anything is written."""
+        label = label or self._label()
+        if self.tied_with:
+            raise ValueError(f"cannot merge into {label}: its base weight is tied to (the same Parameter as) "
+                             f"{self.tied_with}; merging would change those modules too (and apply the update "
+                             "twice when both have adapters). Untie the weights first, e.g. "
+                             "`head.weight = nn.Parameter(embed.weight.detach().clone())`")
+        weight = self.base_weight()
+        if weight.is_meta:
+            raise ValueError(f"cannot merge into {label}: its base weight is on the meta device (no data); "
+                             "load real weights first")
+        if safe_merge:
+            if not torch.isfinite(weight).all():
+                raise ValueError(f"base weight of {label} is not finite (it already holds inf or nan, "
+                                 "before any adapter); nothing was written")
+            for name in names:
+                if not torch.isfinite(self.get_delta_weight(name)).all():
+                    raise ValueError(f"merging adapter {name!r} would write non-finite values into {label}: "
+                                     "its delta weight (scaling * B @ A) holds inf or nan; nothing was written")
+
+    def _merged_weight(self, names: list[str], safe_merge: bool, label: str | None = None) -> torch.Tensor:
+        """The base weight with `names` merged in, in the weight's dtype, not written yet."""
+        self.check_mergeable(names, safe_merge, label)
+        weight = self.base_weight()
+        merged = weight.data.to(torch.float32 if weight.dtype != torch.float64 else weight.dtype)
+        for name in names:
+            merged = self._apply_merge(name, merged)
+        merged = merged.to(weight.dtype)  # check after the cast: float16 overflows where float32 does not
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"merging adapters {names} into {label or self._label()} would write non-finite "
+                             f"values (overflow in {weight.dtype}); nothing was written")
+        return merged
 
     def merge(self, safe_merge: bool = False, adapter_names: Iterable[str] | None = None) -> None:
         """Add `scaling * B @ A` of the active (or given) adapters into the base weight, in place.
 
-        Idempotent: adapters already merged are skipped. With `safe_merge=True` the sum is
-        computed in a copy first and a non-finite result raises ValueError without writing.
+        Idempotent: adapters already merged are skipped. Everything is checked and the sum
+        computed before the weight is written; with `safe_merge=True` a non-finite base
+        weight, delta or sum raises ValueError and nothing is written. A base weight tied
+        to other modules (`tied_with`) is never merged into.
         """
-        for name in self._adapters_to_merge(adapter_names):
-            weight = self.base_weight()
-            merged = weight.data.to(torch.float32 if weight.dtype != torch.float64 else weight.dtype)
-            merged = self._apply_merge(name, merged)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"merging adapter {name!r} would write non-finite values into the base weight; "
-                                 "nothing was written")
-            weight.data.copy_(merged)
-            self.merged_adapters.append(name)
+        check_bool("safe_merge", safe_merge)
+        names = self._adapters_to_merge(adapter_names)
+        if not names:
+            return
+        merged = self._merged_weight(names, safe_merge)
+        weight = self.base_weight()
+        if not self.merged_adapters and self.keep_premerge_weight:
+            self._premerge_weight = weight.detach().clone()
+        weight.data.copy_(merged)
+        self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter from the base weight again.
+        """Take every merged adapter out of the base weight again: restore the kept pre-merge
+        weight (bit-exact), or subtract the deltas when `keep_premerge_weight` is False.
 
         With nothing merged it changes nothing and warns (as PEFT does): a call without a
         matching `merge()` usually means a mix-up in the caller's bookkeeping. Idempotent.
@@ -187,8 +342,18 @@ class LoRALayer(nn.Module):
             warnings.warn("unmerge(): no adapter is merged into this layer; nothing to do", UserWarning,
                           stacklevel=2)
             return
+        if self._premerge_weight is not None:  # bit-exact: put the kept pre-merge weight back
+            weight = self.base_weight()
+            weight.data.copy_(self._premerge_weight.to(weight.device))
+            self._premerge_weight = None
+            self.merged_adapters.clear()
+            self._after_unmerge()
+            return
         while self.merged_adapters:
             self._unmerge_one(self.merged_adapters.pop())
+
+    def _after_unmerge(self) -> None:
+        """Drop state kept for undoing merges (subclasses with such state override this)."""
 
     def _unmerge_one(self, name: str) -> None:
         """Take adapter `name` out of the base weight (the last one merged comes out first)."""
@@ -214,6 +379,14 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def _dora_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """`m / ||W + s B A||_row`, with 1 where the row norm is 0: such a row of `W + s B A` is
+    all zeros, so any finite scale gives the same (zero) contribution, while m / 0 would put
+    NaN (0 / 0) or inf into the output and the merged weight."""
+    return torch.where(norm > 0, magnitude / torch.where(norm > 0, norm, torch.ones_like(norm)),
+                       torch.ones_like(magnitude))
 
 
 class DoraMagnitude(nn.Module):
@@ -262,8 +435,13 @@ class LoRALinear(LoRALayer):
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_adapter_args(adapter_name, r, alpha, dropout, rslora, init, dtype)
+        for name, value in (("bias", bias), ("fan_in_fan_out", fan_in_fan_out), ("dora", dora)):
+            check_bool(name, value)
         if base_layer is None:
-            base_layer = nn.Linear(in_features, out_features, bias=bias, device=device)
+            base_layer = nn.Linear(in_features, out_features, bias=bias, device=_check_device(device))
+        else:
+            _check_base_shape(base_layer, in_features, out_features, fan_in_fan_out)
         super().__init__(base_layer)
         self.in_features, self.out_features = in_features, out_features
         self.fan_in_fan_out = fan_in_fan_out
@@ -286,6 +464,8 @@ class LoRALinear(LoRALayer):
         `in_features` / `out_features`). The base weight object is kept, not copied."""
         if isinstance(base_layer, LoRALayer):
             raise ValueError("base_layer is already a LoRA layer; add another adapter with add_adapter() instead")
+        if fan_in_fan_out is not None:
+            check_bool("fan_in_fan_out", fan_in_fan_out)
         if _is_conv1d(base_layer):
             in_features, out_features = base_layer.weight.shape  # Conv1D stores (in, out)
             if fan_in_fan_out is False:
@@ -300,6 +480,10 @@ class LoRALinear(LoRALayer):
         else:
             raise TypeError(f"base_layer must be linear-like (in_features/out_features or Conv1D), "
                             f"got {type(base_layer).__name__}")
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"base_layer: {type(base_layer).__name__} has {name}={value!r}; it must be a "
+                                 "positive int (a lazy module must run one forward pass first)")
         return cls(in_features, out_features, r=r, alpha=alpha, dropout=dropout, base_layer=base_layer,
                    adapter_name=adapter_name, rslora=rslora, init=init,
                    fan_in_fan_out=bool(fan_in_fan_out), dtype=dtype, dora=dora)
@@ -314,6 +498,8 @@ class LoRALinear(LoRALayer):
     @torch.no_grad()
     def reset_adapter(self, adapter_name: str, init: str = "kaiming") -> None:
         """A: kaiming-uniform with a = sqrt(5) (as nn.Linear; PEFT's default) or normal with std 1/r (PEFT's "gaussian"); B: zeros."""
+        self._check_known(adapter_name)
+        check_choice("init", init, INIT_MODES)
         A = self.lora_A[adapter_name].weight
         if init == "gaussian":
             nn.init.normal_(A, std=1.0 / self.r[adapter_name])
@@ -325,6 +511,7 @@ class LoRALinear(LoRALayer):
         """`scaling * B @ A`, shaped like the base weight ((out, in), or (in, out) with fan_in_fan_out).
 
         For a DoRA adapter this is the low-rank part only; merging also rescales the rows."""
+        self._check_known(adapter_name)
         A = self.lora_A[adapter_name].weight
         B = self.lora_B[adapter_name].weight
         dt = self._compute_dtype(A)
@@ -335,6 +522,7 @@ class LoRALinear(LoRALayer):
                     rslora: bool = False, init: str = "kaiming", dtype: torch.dtype | None = None,
                     activate: bool | None = None, dora: bool = False) -> None:
         """As `LoRALayer.add_adapter`; `dora=True` makes it a DoRA adapter (`enable_dora`)."""
+        check_bool("dora", dora)
         if dora:
             self._weight_out_in()  # a base without a float weight fails before anything is added
         super().add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
@@ -359,8 +547,7 @@ class LoRALinear(LoRALayer):
     def enable_dora(self, adapter_name: str) -> None:
         """Turn adapter `adapter_name` into a DoRA adapter: m = ||W + s B A||_row (DoRA sec. 4.1;
         `||W||_row` for a fresh adapter, so the layer still equals its base)."""
-        if adapter_name not in self.r:
-            raise ValueError(f"adapter_name {adapter_name!r} not found; this layer has {self.adapter_names}")
+        self._check_known(adapter_name)
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before enabling DoRA")
         weight = self._weight_out_in()
@@ -368,6 +555,7 @@ class LoRALinear(LoRALayer):
         with torch.no_grad():
             norm = self.row_norm(adapter_name)
         self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.to(A.dtype).to(weight.device))
+        self._follow_training_flag(adapter_name)
         self.lora_magnitude_vector[adapter_name].weight.requires_grad_(adapter_name in self.active_adapters)
 
     def _weight_sq_norm(self) -> torch.Tensor:
@@ -394,8 +582,12 @@ class LoRALinear(LoRALayer):
         combined = W + (delta.T if self.fan_in_fan_out else delta)  # (out, in)
         norm = torch.linalg.vector_norm(combined, dim=1)  # (out,)
         self._dora_merge_norm[name] = norm
-        out = (self.lora_magnitude_vector[name].weight.detach().to(weight.dtype) / norm)[:, None] * combined
+        out = _dora_scale(self.lora_magnitude_vector[name].weight.detach().to(weight.dtype), norm)[:, None] * combined
         return out.T if self.fan_in_fan_out else out
+
+    def _after_unmerge(self) -> None:
+        self._dora_merge_norm.clear()
+        self._w_sq_cache = None
 
     def _undo_merge(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         if not self.is_dora(name):
@@ -405,7 +597,7 @@ class LoRALinear(LoRALayer):
         norm = self._dora_merge_norm.pop(name).to(weight.dtype)
         delta = self.get_delta_weight(name).to(weight.dtype)
         delta = delta.T if self.fan_in_fan_out else delta  # (out, in)
-        out = (norm / self.lora_magnitude_vector[name].weight.detach().to(weight.dtype))[:, None] * W - delta
+        out = (1 / _dora_scale(self.lora_magnitude_vector[name].weight.detach().to(weight.dtype), norm))[:, None] * W - delta
         return out.T if self.fan_in_fan_out else out
 
     def _dora_output(self, x2d: torch.Tensor, base_out: torch.Tensor, name: str) -> torch.Tensor:
@@ -414,14 +606,16 @@ class LoRALinear(LoRALayer):
         with torch.no_grad():
             norm = self.row_norm(name)  # (out,)
         mag = self.lora_magnitude_vector[name].weight
-        scale = mag / norm.to(mag.dtype)  # (out,)
+        scale = _dora_scale(mag, norm.to(mag.dtype))  # (out,)
         bias = getattr(self.base_layer, "bias", None)
         wx = base_out if bias is None else base_out - bias  # (N, out): W x without the bias
         lora = B(A(self.lora_dropout[name](x2d.to(A.weight.dtype)))) * self.scaling[name]  # (N, out)
         return (scale - 1) * wx.to(scale.dtype) + scale * lora
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension in_features={self.in_features}, got shape {tuple(x.shape)}")
         if self.disabled and self.merged:
             self.unmerge()
@@ -477,7 +671,15 @@ class LoRAEmbedding(LoRALayer):
                  base_layer: nn.Embedding | None = None, adapter_name: str = "default",
                  rslora: bool = False, init: str = "kaiming", dtype: torch.dtype | None = None,
                  padding_idx: int | None = None):
+        check_adapter_args(adapter_name, r, alpha, 0.0, rslora, init, dtype)
         if base_layer is None:
+            for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if padding_idx is not None and (isinstance(padding_idx, bool) or not isinstance(padding_idx, int)
+                                            or not -num_embeddings <= padding_idx < num_embeddings):
+                raise ValueError(f"padding_idx must be None or an int in [-{num_embeddings}, {num_embeddings}), "
+                                 f"got {padding_idx!r}")
             base_layer = nn.Embedding(num_embeddings, embedding_dim, padding_idx=padding_idx)
         if not isinstance(base_layer, nn.Embedding):
             raise TypeError(f"base_layer must be nn.Embedding, got {type(base_layer).__name__}")
@@ -495,6 +697,7 @@ class LoRAEmbedding(LoRALayer):
         dropout on token ids."""
         if isinstance(base_layer, LoRALayer):
             raise ValueError("base_layer is already a LoRA layer; add another adapter with add_adapter() instead")
+        check_dropout(dropout)
         if dropout:
             warnings.warn("dropout is ignored by LoRAEmbedding", stacklevel=2)
         if not isinstance(base_layer, nn.Embedding):
@@ -508,17 +711,33 @@ class LoRAEmbedding(LoRALayer):
 
     @torch.no_grad()
     def reset_adapter(self, adapter_name: str, init: str = "kaiming") -> None:
+        self._check_known(adapter_name)
+        check_choice("init", init, INIT_MODES)
         nn.init.zeros_(self.lora_embedding_A[adapter_name])
         nn.init.normal_(self.lora_embedding_B[adapter_name])
 
+    def _check_ids(self, x) -> None:
+        """Token ids: an integer tensor in [0, num_embeddings). The range is checked in eager
+        mode on the CPU only (cheap there; on a GPU it would cost a synchronisation per call)."""
+        if not isinstance(x, torch.Tensor) or x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"x must be a tensor of integer token ids, got {got}")
+        if torch.compiler.is_compiling() or x.device.type != "cpu" or not x.numel():
+            return  # a data-dependent check would break the graph / synchronise the GPU
+        if int(x.min()) < 0 or int(x.max()) >= self.num_embeddings:
+            raise ValueError(f"x holds token ids outside [0, {self.num_embeddings}) (num_embeddings): "
+                             f"min {int(x.min())}, max {int(x.max())}")
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """`scaling * (B @ A)^T`, shaped (num_embeddings, embedding_dim) like the base weight."""
+        self._check_known(adapter_name)
         A = self.lora_embedding_A[adapter_name]
         B = self.lora_embedding_B[adapter_name]
         dt = self._compute_dtype(A)
         return (B.to(dt) @ A.to(dt)).T * self.scaling[adapter_name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_ids(x)
         if self.disabled and self.merged:
             self.unmerge()
         result = self.base_layer(x)

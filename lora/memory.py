@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import resource
 import sys
 from dataclasses import dataclass, field
@@ -38,6 +39,42 @@ OPTIMIZERS = ("adamw", "sgd")
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def _dtype(x, name: str = "weight_dtype") -> torch.dtype:
+    """A floating torch dtype, or its name in `_DTYPES`; errors name the argument `name`."""
+    if isinstance(x, torch.dtype) and x.is_floating_point:
+        return x
+    if isinstance(x, str) and x in _DTYPES:
+        return _DTYPES[x]
+    raise ValueError(f"{name} must be a torch dtype (floating point) or one of {sorted(_DTYPES)}, got {x!r}")
+
+
+def _positive_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+def _check_bool(name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {v!r}")
+    return v
+
+
+def _check_quant_args(blocksize, double_quant) -> None:
+    from quant import VALID_BLOCKSIZES
+
+    if isinstance(blocksize, bool) or blocksize not in VALID_BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {VALID_BLOCKSIZES} (bitsandbytes' block sizes), got {blocksize!r}")
+    _check_bool("double_quant", double_quant)
+
+
+def _check_dropout(dropout) -> float:
+    ok = isinstance(dropout, (int, float)) and not isinstance(dropout, bool) and 0.0 <= dropout < 1.0
+    if not ok:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    return float(dropout)
 
 
 @dataclass(frozen=True)
@@ -56,9 +93,11 @@ class ModelSpec:
     def __post_init__(self):
         for f in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
                   "intermediate_size", "vocab_size"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{f} must be a positive int, got {v!r}")
+            _positive_int(f, getattr(self, f))
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise TypeError(f"tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}")
+        if not isinstance(self.name, str):
+            raise TypeError(f"name must be a str, got {type(self.name).__name__}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError("hidden_size must be divisible by num_heads, and num_heads by "
                              f"num_kv_heads; got {self.hidden_size}, {self.num_heads}, "
@@ -91,7 +130,9 @@ class ModelSpec:
             for n in names:
                 if hasattr(cfg, n):
                     return getattr(cfg, n)
-            raise ValueError(f"config has none of the attributes {names}")
+            raise ValueError(f"model_or_config: a {type(cfg).__name__} config has none of the "
+                             f"attributes {names}; pass an nn.Module, a ModelSpec, a preset name "
+                             f"({sorted(PRESETS)}) or a Llama-style config")
         return cls(hidden_size=get("hidden_size", "dim"),
                    num_layers=get("num_hidden_layers", "n_layers"),
                    num_heads=get("num_attention_heads", "n_heads"),
@@ -141,6 +182,8 @@ def nf4_storage_bytes(numel: int, blocksize: int = 64, double_quant: bool = True
     plus one fp32 per 256 blocks and the fp32 mean (QLoRA sec. 3: 8/64 + 32/(64*256)
     = 0.127 bits). The code books are shared by all weights: `code_book_bytes`, once.
     """
+    _positive_int("numel", numel)
+    _check_quant_args(blocksize, double_quant)
     nblocks = math.ceil(numel / blocksize)
     n = (numel + 1) // 2
     if double_quant:
@@ -151,15 +194,8 @@ def nf4_storage_bytes(numel: int, blocksize: int = 64, double_quant: bool = True
 def code_book_bytes(double_quant: bool = True) -> int:
     """The float32 code books a quantized model holds once, whatever its size: the 16 NF4
     levels, and with double quantization the 256-entry dynamic 8-bit map."""
+    _check_bool("double_quant", double_quant)
     return 16 * 4 + (256 * 4 if double_quant else 0)
-
-
-def _dtype(x) -> torch.dtype:
-    if isinstance(x, torch.dtype):
-        return x
-    if x in _DTYPES:
-        return _DTYPES[x]
-    raise ValueError(f"weight_dtype must be a torch dtype or one of {sorted(_DTYPES)}, got {x!r}")
 
 
 def _size(dtype: torch.dtype) -> int:
@@ -167,13 +203,51 @@ def _size(dtype: torch.dtype) -> int:
 
 
 def _check_args(method, optimizer, r, batch_size, seq_len):
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if optimizer not in OPTIMIZERS:
+    if not isinstance(optimizer, str) or optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     for name, v in (("r", r), ("batch_size", batch_size), ("seq_len", seq_len)):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+        _positive_int(name, v)
+
+
+def _spec_targets(spec: "ModelSpec", target_modules) -> tuple[str, ...]:
+    """The Llama linear names `target_modules` selects, by LoRAConfig's rule: a str is one regex
+    matched against the whole name (here the bare name or its Hugging Face path in block i),
+    "all-linear" is all of them; a list entry matches the name or its last path component."""
+    if isinstance(target_modules, str):
+        if target_modules.lower() == "all-linear":
+            return LLAMA_LINEARS
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as err:
+            raise ValueError(f"target_modules={target_modules!r} is not a valid regular expression: {err}") from None
+        per_block = {tuple(n for n in LLAMA_LINEARS if pattern.fullmatch(n) or pattern.fullmatch(_hf_path(n, i)))
+                     for i in range(spec.num_layers)}
+        if len(per_block) > 1:
+            raise ValueError(f"target_modules={target_modules!r} selects different layers in different blocks; "
+                             "the estimator assumes the same targets in every block")
+        targets = per_block.pop()
+    elif isinstance(target_modules, (list, tuple)):
+        bad = [n for n in target_modules if not isinstance(n, str)]
+        if bad:
+            raise TypeError(f"target_modules must hold str names, got {bad!r}")
+        unknown = sorted({n for n in target_modules if n.split(".")[-1] not in LLAMA_LINEARS})
+        if unknown:
+            raise ValueError(f"target_modules: {unknown} are not Llama linear layers; "
+                             f"allowed: {LLAMA_LINEARS} or 'all-linear'")
+        targets = tuple(n for n in LLAMA_LINEARS if n in {t.split(".")[-1] for t in target_modules})
+    else:
+        raise TypeError(f"target_modules must be a list of names, a regex str or 'all-linear', "
+                        f"got {type(target_modules).__name__}")
+    if not targets:
+        raise ValueError(f"target_modules={target_modules!r} matches no Llama linear layer {LLAMA_LINEARS}")
+    return targets
+
+
+def _hf_path(name: str, i: int) -> str:
+    """Hugging Face's qualified name of linear `name` in block `i` of a Llama."""
+    return f"model.layers.{i}.{'mlp' if name in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{name}"
 
 
 def _optimizer_bytes(optimizer: str, trainable: list[tuple[int, torch.dtype]]) -> int:
@@ -210,6 +284,14 @@ def activation_bytes(spec: ModelSpec, method: str, batch_size: int, seq_len: int
     With `grad_checkpointing`, each block keeps only its input, and one block's
     activations live again during its recomputation.
     """
+    if not isinstance(spec, ModelSpec):
+        raise TypeError(f"spec must be a ModelSpec, got {type(spec).__name__}")
+    _check_args(method, "adamw", r, batch_size, seq_len)
+    act_dtype = _dtype(act_dtype, "act_dtype")
+    if isinstance(targets, str) or not all(isinstance(n, str) and n in LLAMA_LINEARS for n in targets):
+        raise ValueError(f"targets must be a tuple of names from {LLAMA_LINEARS}, got {targets!r}")
+    dropout = _check_dropout(dropout)
+    _check_bool("grad_checkpointing", grad_checkpointing)
     a, d, f, nh = _size(act_dtype), spec.hidden_size, spec.intermediate_size, spec.num_heads
     kv = spec.num_kv_heads * spec.head_dim
     full = method == "full"
@@ -324,25 +406,25 @@ def estimate(model_or_config, method: str = "lora", r: int = 8,
             the adapter dtype (qlora, which computes in the adapter dtype).
     """
     _check_args(method, optimizer, r, batch_size, seq_len)
-    weight_dtype, adapter_dtype = _dtype(weight_dtype), _dtype(adapter_dtype)
-    if isinstance(model_or_config, str):
-        if model_or_config not in PRESETS:
-            raise ValueError(f"model_or_config: unknown preset {model_or_config!r}; "
-                             f"known: {sorted(PRESETS)}")
-        model_or_config = PRESETS[model_or_config]
-    if isinstance(model_or_config, nn.Module):
-        cfg = getattr(model_or_config, "config", None)
-        spec = ModelSpec.from_config(cfg) if cfg is not None else None
-        parts = _estimate_from_model(model_or_config, method, r, target_modules, weight_dtype,
+    weight_dtype, adapter_dtype = _dtype(weight_dtype, "weight_dtype"), _dtype(adapter_dtype, "adapter_dtype")
+    if act_dtype is not None:
+        act_dtype = _dtype(act_dtype, "act_dtype")
+    dropout = _check_dropout(dropout)
+    _check_bool("grad_checkpointing", grad_checkpointing)
+    _check_quant_args(blocksize, double_quant)
+    spec, model = _spec_or_model(model_or_config)
+    if model is not None:
+        parts = _estimate_from_model(model, method, r, target_modules, weight_dtype,
                                      adapter_dtype, optimizer, blocksize, double_quant)
+        targets = LLAMA_LINEARS
+        if method != "full":  # activations: the Llama linears among the resolved targets
+            from .config import LoRAConfig
+            from .inject import resolve_targets
+            names = resolve_targets(model, LoRAConfig(r=r, target_modules=target_modules))
+            targets = tuple(n for n in LLAMA_LINEARS if n in {p.split(".")[-1] for p in names})
     else:
-        spec = (model_or_config if isinstance(model_or_config, ModelSpec)
-                else ModelSpec.from_config(model_or_config))
-        targets = LLAMA_LINEARS if target_modules == "all-linear" else tuple(target_modules)
-        unknown = set(targets) - set(LLAMA_LINEARS)
-        if unknown:
-            raise ValueError(f"target_modules: {sorted(unknown)} are not Llama linear layers; "
-                             f"allowed: {LLAMA_LINEARS} or 'all-linear'")
+        targets = _spec_targets(spec, target_modules)  # checked even where "full" ignores it
+        targets = LLAMA_LINEARS if method == "full" else targets
         parts = _estimate_from_spec(spec, method, r, targets, weight_dtype, adapter_dtype,
                                     optimizer, blocksize, double_quant)
     weights, grads, opt, trainable, total, details = parts
@@ -350,16 +432,36 @@ def estimate(model_or_config, method: str = "lora", r: int = 8,
     if spec is not None:
         if act_dtype is None:
             act_dtype = adapter_dtype if method == "qlora" else weight_dtype
-        targets = (LLAMA_LINEARS if isinstance(target_modules, str)
-                   else tuple(n.split(".")[-1] for n in target_modules))
-        acts = activation_bytes(spec, method, batch_size, seq_len, _dtype(act_dtype), r,
+        acts = activation_bytes(spec, method, batch_size, seq_len, act_dtype, r,
                                 targets, dropout, grad_checkpointing)
     return MemoryEstimate(weights, grads, opt, acts, trainable, total, details)
+
+
+def _spec_or_model(model_or_config) -> tuple["ModelSpec | None", "nn.Module | None"]:
+    """(spec for activations or None, the model when one is given)."""
+    if isinstance(model_or_config, str):
+        if model_or_config not in PRESETS:
+            raise ValueError(f"model_or_config: unknown preset {model_or_config!r}; "
+                             f"known: {sorted(PRESETS)}")
+        return PRESETS[model_or_config], None
+    if isinstance(model_or_config, nn.Module):
+        cfg = getattr(model_or_config, "config", None)
+        return (ModelSpec.from_config(cfg) if cfg is not None else None), model_or_config
+    if isinstance(model_or_config, ModelSpec):
+        return model_or_config, None
+    if model_or_config is None or isinstance(model_or_config, (int, float, bool, list, tuple, dict)):
+        raise TypeError(f"model_or_config must be an nn.Module, a ModelSpec, a preset name {sorted(PRESETS)} "
+                        f"or a config object, got {type(model_or_config).__name__}")
+    return ModelSpec.from_config(model_or_config), None
 
 
 def saved_activation_bytes(model: nn.Module, fn: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
     """Bytes of the distinct tensors autograd saves while `fn()` runs (not the model's
     own parameters and buffers, which are weights). Returns (bytes, fn's result)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not callable(fn):
+        raise TypeError(f"fn must be a callable taking no arguments, got {type(fn).__name__}")
     own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     seen: dict[int, int] = {}
 
@@ -377,6 +479,10 @@ def saved_activation_bytes(model: nn.Module, fn: Callable[[], torch.Tensor]) -> 
 def tensor_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
     """Bytes the model and optimizer really hold: weights (parameters and buffers),
     gradients, optimizer states. Shared tensors are counted once."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
     def nbytes(ts):
         uniq = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}
         return sum(uniq.values())
@@ -404,6 +510,8 @@ def memory_usage() -> dict[str, int]:
 
 
 def fmt_bytes(n: float) -> str:
+    if isinstance(n, bool) or not isinstance(n, (int, float)):
+        raise TypeError(f"n must be a number of bytes (int or float), got {type(n).__name__}")
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -423,6 +531,9 @@ def print_memory_usage() -> None:
 
 def format_table(estimates: dict[str, MemoryEstimate]) -> str:
     """A Markdown table, one column per estimate."""
+    if not isinstance(estimates, dict) or not estimates \
+            or not all(isinstance(e, MemoryEstimate) for e in estimates.values()):
+        raise ValueError("estimates must be a non-empty dict {column name: MemoryEstimate}")
     cols = list(estimates)
     lines = ["| part | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     first = estimates[cols[0]]
@@ -434,15 +545,26 @@ def format_table(estimates: dict[str, MemoryEstimate]) -> str:
     return "\n".join(lines)
 
 
+def _positive_int_arg(text: str) -> int:
+    """argparse type: a positive int (argparse turns the ValueError into a usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m lora.memory", description=__doc__.split("\n")[0])
     p.add_argument("--config", default="llama-3-8b", help=f"one of {sorted(PRESETS)}")
     p.add_argument("--method", default="all", help="full, lora, qlora or all (side by side)")
-    p.add_argument("--r", type=int, default=16)
-    p.add_argument("--weight-dtype", default="bf16")
+    p.add_argument("--r", type=_positive_int_arg, default=16)
+    p.add_argument("--weight-dtype", default="bf16", choices=sorted(_DTYPES))
     p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=_positive_int_arg, default=1)
+    p.add_argument("--seq-len", type=_positive_int_arg, default=512)
     p.add_argument("--grad-checkpointing", action="store_true")
     args = p.parse_args(argv)
     if args.config not in PRESETS:
@@ -451,11 +573,14 @@ def main(argv=None) -> int:
         p.error(f"--method must be one of {METHODS} or 'all', got {args.method!r}")
     methods = METHODS if args.method == "all" else (args.method,)
     spec = PRESETS[args.config]
-    est = {m: estimate(spec, m, r=args.r, weight_dtype=args.weight_dtype,
-                       optimizer=args.optimizer, batch_size=args.batch_size,
-                       seq_len=args.seq_len, grad_checkpointing=args.grad_checkpointing,
-                       act_dtype=args.weight_dtype)
-           for m in methods}
+    try:
+        est = {m: estimate(spec, m, r=args.r, weight_dtype=args.weight_dtype,
+                           optimizer=args.optimizer, batch_size=args.batch_size,
+                           seq_len=args.seq_len, grad_checkpointing=args.grad_checkpointing,
+                           act_dtype=args.weight_dtype)
+               for m in methods}
+    except (ValueError, TypeError) as err:  # a one-line usage error, never a traceback
+        p.error(str(err))
     print(f"{spec.name}: {spec.num_parameters():,} parameters; r={args.r}, all linear layers, "
           f"{args.weight_dtype} weights, {args.optimizer}, batch {args.batch_size} x "
           f"{args.seq_len} tokens{', gradient checkpointing' if args.grad_checkpointing else ''}")

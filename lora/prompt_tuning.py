@@ -45,6 +45,8 @@ class PromptTuning(nn.Module):
             raise ValueError(f"num_virtual_tokens must be a positive int, got {num_virtual_tokens!r}")
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.num_virtual_tokens = num_virtual_tokens
         self.token_dim = embedding.embedding_dim
         self.embedding = embedding
@@ -64,7 +66,11 @@ class PromptTuning(nn.Module):
                 ids = torch.randint(0, vocab, (p,), generator=generator)
                 return weight[ids.to(weight.device)].to(dtype).clone()
             raise ValueError(f"init must be 'random', 'vocab' or a sequence of token ids, got {init!r}")
-        ids = torch.as_tensor(init)
+        try:
+            ids = torch.as_tensor(init)
+        except (TypeError, ValueError, RuntimeError, OverflowError):  # e.g. None, strings, ragged lists
+            raise ValueError(f"init must be 'random', 'vocab' or a non-empty 1-D sequence of token ids (ints), "
+                             f"got {init!r}") from None
         if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.dtype == torch.bool:
             raise ValueError(f"init: token ids must be a non-empty 1-D sequence of ints, got {init!r}")
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
@@ -74,8 +80,14 @@ class PromptTuning(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point() or input_ids.is_complex():
+            raise TypeError(f"input_ids must be an integer tensor of token ids, got {_describe(input_ids)}")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        for name, extra in (("attention_mask", attention_mask), ("labels", labels)):
+            if extra is not None and (not isinstance(extra, torch.Tensor) or extra.shape != input_ids.shape):
+                raise ValueError(f"{name} must be a tensor of the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {_describe(extra)}")
         bsz, p = input_ids.shape[0], self.num_virtual_tokens
         embeds = self.embedding(input_ids)  # (B, T, d)
         prompt = self.prompt_embeddings.to(embeds.dtype).unsqueeze(0).expand(bsz, -1, -1)  # (B, p, d)
@@ -87,6 +99,12 @@ class PromptTuning(nn.Module):
             ignore = labels.new_full((bsz, p), IGNORE_INDEX)  # (B, p)
             out["labels"] = torch.cat([ignore, labels], dim=1)  # (B, p + T)
         return out
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
 
 
 def find_input_embedding(model: nn.Module) -> nn.Embedding:
@@ -123,6 +141,8 @@ def add_prompt_tuning(model: nn.Module, num_virtual_tokens: int, init: str | Seq
                       embedding: nn.Embedding | None = None,
                       generator: torch.Generator | None = None) -> PromptTunedModel:
     """Wrap `model` (which must accept `inputs_embeds=`) with a fresh soft prompt; only the prompt trains."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     prompt = PromptTuning(num_virtual_tokens, embedding or find_input_embedding(model), init, generator)
     return PromptTunedModel(model, prompt)
 
@@ -142,3 +162,32 @@ def prompt_config(prompt: PromptTuning, model: nn.Module | None = None) -> dict:
         "prompt_tuning_init_text": None, "tokenizer_name_or_path": None, "tokenizer_kwargs": None,
         "revision": None, "modules_to_save": None,
     }
+
+
+def _check_int(config: dict, key: str, required: bool, lowest: int = 1) -> int | None:
+    value = config.get(key)
+    if value is None and not required:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+        raise ValueError(f"adapter_config.json: {key} must be an int >= {lowest}, got {value!r}")
+    return value
+
+
+def check_prompt_config(config: dict, prompt: PromptTuning) -> None:
+    """A PROMPT_TUNING `adapter_config.json` must describe `prompt`: same number of virtual
+    tokens and token size, one transformer submodule (decoder-only), typed optional fields."""
+    if not isinstance(config, dict) or config.get("peft_type") != "PROMPT_TUNING":
+        raise ValueError("adapter_config.json: peft_type must be 'PROMPT_TUNING'")
+    submodules = _check_int(config, "num_transformer_submodules", required=False)
+    if submodules not in (None, 1):
+        raise ValueError(f"adapter_config.json: num_transformer_submodules must be 1 (decoder-only models), "
+                         f"got {submodules}")
+    for key in ("num_attention_heads", "num_layers"):
+        _check_int(config, key, required=False)
+    for key in ("prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "task_type"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise TypeError(f"adapter_config.json: {key} must be a string or null, got {type(config[key]).__name__}")
+    for key, have in (("num_virtual_tokens", prompt.num_virtual_tokens), ("token_dim", prompt.token_dim)):
+        value = _check_int(config, key, required=key == "num_virtual_tokens")  # PEFT may leave token_dim null
+        if value is not None and value != have:
+            raise ValueError(f"adapter_config.json: {key}={value} does not match the model's PromptTuning ({have})")

@@ -33,6 +33,8 @@ def lora_embedding_ref(ids, E, A, B, scaling):
 def assert_close(actual, expected, dtype):
     """Compare with the dtype's (atol, rtol); atol is relative to the largest reference value,
     because rounding errors of a dot product grow with the size of its terms."""
+    if dtype not in TOL:
+        raise ValueError(f"dtype must be one of {list(TOL)}, got {dtype!r}")
     atol, rtol = TOL[dtype]
     scale = max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
     torch.testing.assert_close(actual.detach().double(), expected.detach().double(), atol=atol * scale, rtol=rtol)

@@ -236,7 +236,7 @@ CASES = {
     "quantize_blocksize_8192": (lambda t: quantize_4bit(torch.ones(96), blocksize=8192), ValueError, r"blocksize must be a power of two"),
     "quantize_quant_type": (lambda t: quantize_4bit(torch.ones(64), quant_type="nf3"), ValueError, r"quant_type must be one of"),
     "dequantize_packed_size": (lambda t: dequantize_4bit(quantized()[0][:-1], quantized()[1]), ValueError, r"packed has \d+ bytes"),
-    "dequantize_packed_dtype": (lambda t: dequantize_4bit(quantized()[0].float(), quantized()[1]), TypeError, r"packed must be a uint8"),
+    "dequantize_packed_dtype": (lambda t: dequantize_4bit(quantized()[0].float(), quantized()[1]), TypeError, r"packed must be uint8"),
     "dequantize_state_type": (lambda t: dequantize_4bit(quantized()[0], {"absmax": 1}), TypeError, r"state must be a QuantState"),
     "dequantize_out_dtype": (lambda t: dequantize_4bit(*quantized(), dtype=torch.int8), TypeError, r"dtype must be float32, float16 or bfloat16"),
     "pack_float_codes": (lambda t: pack_nibbles(torch.zeros(4)), TypeError, r"codes must be an integer tensor"),

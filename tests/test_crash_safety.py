@@ -131,7 +131,7 @@ def test_sigkill_during_saves_leaves_old_or_new_adapter(tmp_path):
         last_done = k
     # leftover temp files (ours end in .tmp; safetensors' own start with .tmp) are the only trace of the kills
     assert sorted(p.name for p in directory.iterdir() if ".tmp" not in p.name) == [
-        "adapter_config.json", "adapter_model.safetensors"]
+        ".lock", "adapter_config.json", "adapter_model.safetensors"]
     assert finished_saves >= 10, "the children hardly saved: the kills did not hit saves in progress"
     print(f"{KILLS} kills, {finished_saves} saves finished, {mixed_states} kills left new weights "
           "beside the old config; all loaded")
@@ -139,7 +139,8 @@ def test_sigkill_during_saves_leaves_old_or_new_adapter(tmp_path):
 
 def test_interrupted_save_state_reads_as_new_version(tmp_path):
     """The (new weights, old config) state, built by hand, reads as the new version; a
-    config edited by hand afterwards is respected (no silent override)."""
+    config edited by hand afterwards disagrees with the weights: an error naming both files
+    (neither silently overridden nor silently paired with weights saved under another config)."""
     directory = tmp_path / "a"
     save_adapter(version_model(0), directory)
     old_config = (directory / "adapter_config.json").read_bytes()
@@ -153,5 +154,5 @@ def test_interrupted_save_state_reads_as_new_version(tmp_path):
     edited = old_config.replace(b'"lora_alpha": 3', b'"lora_alpha": 5')
     assert edited != old_config
     (directory / "adapter_config.json").write_bytes(edited)
-    config, _ = read_adapter(directory)
-    assert config.alpha == 5 and config.r == 2
+    with pytest.raises(ValueError, match="adapter_config.json does not match the config .*adapter_model.safetensors"):
+        read_adapter(directory)

@@ -32,7 +32,7 @@ def test_layout_and_round_trip(tmp_path):
         model.lm_head.weight.add_(0.5)  # a trained head must travel with the adapter
     expected = model(IDS)
     save_adapter(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "adapter_config.json", "adapter_model.safetensors"]
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.blocks.0.q_proj.lora_A.weight" in keys
     assert "base_model.model.blocks.1.q_proj.lora_B.weight" in keys
@@ -86,7 +86,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_adapter(adapted(seed=1), tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def _edit_file(folder, edit):
