@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 
 from methods import METHODS
-from report import MB, fmt_bytes, rows_of, save_figure
+from report import MB, fmt_bytes, pct, rows_of, save_figure
 
 from benchmarks.common import write_rows
 
 COLORS = {"full": "#c44", "lora": "#48c", "qlora": "#4a4", "adapter": "#c8c", "prompt": "#c93"}  # ICL bars grey
-PASSED = ("steps", "batch_size", "r", "alpha", "dropout", "n_train", "n_eval", "shots",
+PASSED = ("task", "steps", "batch_size", "r", "alpha", "dropout", "n_train", "n_eval", "shots",
           "eval_batch", "compute_dtype", "seed", "threads")
 
 
@@ -27,7 +27,8 @@ def worker_command(cfg, method: str, json_path: Path) -> list[str]:
            "--json", str(json_path), "--out", str(Path(cfg.out) / method), "--no-reload",
            "--show", "0"]
     for name in PASSED:
-        cmd += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
+        if getattr(cfg, name) is not None:  # steps=None: the task's default
+            cmd += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
     if cfg.lr is not None:
         cmd += ["--lr", str(cfg.lr)]
     if cfg.gguf is not None:
@@ -48,12 +49,14 @@ def run_method(cfg, method: str) -> dict:
 
 
 def print_comparison(results: list[dict]) -> None:
-    head = f"{'method':<10} {'accuracy':>8} {'trainable':>12} {'train %':>8} {'saved':>10} " \
+    head = f"{'method':<10} {'exact':>6} {'content':>7} {'trainable':>12} {'train %':>8} {'saved':>10} " \
            f"{'peak RSS':>10} {'s/step':>7} {'total s':>8}"
-    print("\n" + head + "\n" + "-" * len(head))
+    print("\nexact: held-out answers right character for character (format and content); "
+          "content: fraction of JSON fields right (content only)")
+    print(head + "\n" + "-" * len(head))
     for r in results:
         sps = r.get("seconds_per_step")
-        print(f"{r['method']:<10} {r['acc']:>8.0%} {r['trainable_params']:>12,d} "
+        print(f"{r['method']:<10} {r['acc']:>6.0%} {pct(r.get('content')):>7} {r['trainable_params']:>12,d} "
               f"{r['trainable_pct']:>8.3f} {fmt_bytes(r['saved_bytes']):>10} "
               f"{r['peak_rss_bytes'] / MB:>7,.0f} MB {'-' if sps is None else f'{sps:.2f}':>7} "
               f"{r['total_seconds']:>8.0f}")
@@ -78,15 +81,17 @@ def bar_chart(results: list[dict], path: Path) -> Path:
 
     names = [r["method"] for r in results]
     panels = [("held-out exact match", [r["acc"] for r in results], "{:.0%}"),
+              ("held-out content (JSON fields)", [r.get("content") or 0.0 for r in results], "{:.0%}"),
               ("peak RSS (MB)", [r["peak_rss_bytes"] / MB for r in results], "{:,.0f}"),
               ("saved (MB)", [r["saved_bytes"] / MB for r in results], "{:,.1f}")]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.8))
     for ax, (title, values, fmt) in zip(axes, panels, strict=True):
         bars = ax.bar(names, values, color=[COLORS.get(n, "#999") for n in names])
         ax.bar_label(bars, [fmt.format(v) for v in values], fontsize=8)
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
-    fig.suptitle("SmolLM2-135M-Instruct, JSON extraction, same data and steps")
+    fig.suptitle(f"SmolLM2-135M-Instruct, {results[0].get('task_name', 'JSON extraction')}, same data and steps",
+                 y=1.03)  # above the panel titles
     save_figure(fig, path)
     plt.close(fig)
     return path
@@ -110,7 +115,6 @@ def compare(cfg, methods: list[str] | None = None) -> int:
     if not results:
         return 2
     print_comparison(results)
-    print("(prompt tuning: no row yet; examples/llama.py takes token ids, not inputs_embeds)")
     rows = [row for r in results for row in rows_of(r, benchmark="finetune_compare")]
     print(f"\ncsv: {write_rows(out / 'compare.csv', rows)}\nchart: {bar_chart(results, out / 'compare.png')}")
     if failed:

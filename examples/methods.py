@@ -75,10 +75,14 @@ def nf4_factory(compute_dtype: torch.dtype = torch.float32):
 
 
 def load_model(method: str, path=None, compute_dtype: torch.dtype = torch.float32):
-    """`load_llama`, quantizing the block linears while loading for QLoRA."""
+    """(model, tokenizer) of a GGUF file (default SmolLM2-135M-Instruct) or a Hugging Face
+    safetensors folder, quantizing the block linears while loading for QLoRA."""
     from gguf_loader import load_llama
+    from hf_loader import is_hf_folder, load_hf_llama
 
     factory = nf4_factory(compute_dtype) if method == "qlora" else None
+    if path is not None and is_hf_folder(path):
+        return load_hf_llama(path, linear_factory=factory)
     return load_llama(path, linear_factory=factory)
 
 
@@ -156,9 +160,12 @@ def save_what_must_be_saved(model: nn.Module, method: str, directory: Path) -> i
 def reload_adapter(model: nn.Module, method: str, directory: Path,
                    compute_dtype: torch.dtype = torch.float32) -> None:
     """Load a saved adapter into a freshly loaded model (quantizing it first for QLoRA)."""
+    config, _ = read_adapter(directory)  # the file's own config, adapters in float32 as trained
+    if not isinstance(config, LoRAConfig):
+        raise ValueError(f"{directory} holds a {type(config).__name__} adapter; only LoRA adapters "
+                         "can be reloaded here")
     if method == "qlora":
         quantize_blocks(model, compute_dtype)
-    config, _ = read_adapter(directory)  # the file's own config, adapters in float32 as trained
     apply_lora(model, config, dtype=torch.float32)
     load_adapter(model, directory)
     model.requires_grad_(False)

@@ -16,9 +16,10 @@ class Tokenizer:
     """Encode/decode text; special tokens like `<|im_start|>` in the text map to their ids."""
 
     def __init__(self, hf: HFTokenizer, bos_id: int | None, eos_id: int | None,
-                 pad_id: int | None):
+                 pad_id: int | None, chat_template: str | None = None):
         self.hf, self.bos_id, self.eos_id = hf, bos_id, eos_id
         self.pad_id = eos_id if pad_id is None else pad_id
+        self.chat_template = chat_template  # Jinja source from the model file (chat_format.py)
 
     @property
     def vocab_size(self) -> int:
@@ -77,6 +78,8 @@ def tokenizer_from_gguf(reader) -> Tokenizer:
     special = [AddedToken(tokens[i], special=True, normalized=False)
                for i, t in enumerate(types) if t == CONTROL]
     hf.add_special_tokens(special)
+    template = reader.fields.get("tokenizer.chat_template")
     return Tokenizer(hf, _int(reader, "tokenizer.ggml.bos_token_id"),
                      _int(reader, "tokenizer.ggml.eos_token_id"),
-                     _int(reader, "tokenizer.ggml.padding_token_id"))
+                     _int(reader, "tokenizer.ggml.padding_token_id"),
+                     template.contents() if template is not None else None)

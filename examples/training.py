@@ -1,4 +1,4 @@
-"""Batching, the training loop and exact-match evaluation for the fine-tuning demo."""
+"""Batching, the training loop and evaluation (exact match, content score) for the fine-tuning demo."""
 from __future__ import annotations
 
 import math
@@ -9,16 +9,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from llama import upcast
-from task import Example, completion, exact_match, prompt
+from scoring import scores
+from task import CHATML, ChatFormat, Example, completion, prompt
 from tqdm import tqdm
 
 IGNORE = -100  # label of prompt and padding tokens: no loss there (train on the answer only)
 
 
-def encode_example(tok, example: Example, shots: list[Example] = ()) -> tuple[list[int], list[int]]:
+def encode_example(tok, example: Example, shots: list[Example] = (), fmt: ChatFormat = CHATML
+                   ) -> tuple[list[int], list[int]]:
     """Token ids of prompt + answer, and labels with the prompt masked out."""
-    p = tok.encode(prompt(example, shots))
-    a = tok.encode(completion(example))
+    p = tok.encode(prompt(example, shots, fmt))
+    a = tok.encode(completion(example, fmt))
     return p + a, [IGNORE] * len(p) + a
 
 
@@ -62,8 +64,9 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # training loss of each step's batch
     step_seconds: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss)
 
     @property
     def seconds_per_step(self) -> float:
@@ -79,14 +82,32 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, tok, examples: list[Example], cfg: TrainConfig, desc: str = "train"
+@torch.no_grad()
+def mean_loss(model, tok, examples: list[Example], fmt: ChatFormat = CHATML, batch_size: int = 16
+              ) -> float:
+    """Answer-token cross-entropy over `examples` (each token weighs the same)."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        idx, targets = collate([encode_example(tok, ex, fmt=fmt) for ex in examples[i:i + batch_size]],
+                               tok.pad_id)
+        n = int((targets != IGNORE).sum())
+        total, count = total + lm_loss(model, idx, targets).item() * n, count + n
+    return total / count
+
+
+def train(model, tok, examples: list[Example], cfg: TrainConfig, desc: str = "train",
+          fmt: ChatFormat = CHATML, eval_examples: list[Example] = (), eval_every: int = 0
           ) -> TrainResult:
-    """AdamW on the parameters with requires_grad, one batch of `cfg.batch_size` per step."""
+    """AdamW on the parameters with requires_grad, one batch of `cfg.batch_size` per step.
+
+    With `eval_every` > 0, the loss on `eval_examples` is measured every that many steps
+    and after the last (a held-out curve next to the training one shows overfitting)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    encoded = [encode_example(tok, ex) for ex in examples]
+    encoded = [encode_example(tok, ex, fmt=fmt) for ex in examples]
     gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
     result = TrainResult()
@@ -107,19 +128,23 @@ def train(model, tok, examples: list[Example], cfg: TrainConfig, desc: str = "tr
         result.step_seconds.append(time.perf_counter() - t0)
         result.losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if eval_every > 0 and eval_examples and ((step + 1) % eval_every == 0 or step + 1 == cfg.steps):
+            result.eval_losses.append((step + 1, mean_loss(model, tok, eval_examples, fmt)))
+            model.train()
     model.eval()
     return result
 
 
 @torch.no_grad()
 def predict(model, tok, examples: list[Example], shots: list[Example] = (),
-            batch_size: int = 25, max_new_tokens: int = 32, desc: str = "eval") -> list[str]:
+            batch_size: int = 25, max_new_tokens: int = 32, desc: str = "eval",
+            fmt: ChatFormat = CHATML) -> list[str]:
     """Greedy answers to the examples' prompts, decoded without special tokens."""
     model.eval()
     out: list[str] = []
     for i in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", leave=False):
         chunk = examples[i:i + batch_size]
-        prompts = [tok.encode(prompt(ex, shots)) for ex in chunk]
+        prompts = [tok.encode(prompt(ex, shots, fmt)) for ex in chunk]
         generated = model.generate(prompts, max_new_tokens=max_new_tokens, eos_id=tok.eos_id)
         out += [tok.decode(g) for g in generated]
     return out
@@ -128,8 +153,15 @@ def predict(model, tok, examples: list[Example], shots: list[Example] = (),
 def evaluate(model, tok, examples: list[Example], shots: list[Example] = (), **kw
              ) -> tuple[float, list[str]]:
     """Exact-match accuracy and the predictions."""
+    scored, preds = evaluate_scores(model, tok, examples, shots, **kw)
+    return scored["exact"], preds
+
+
+def evaluate_scores(model, tok, examples: list[Example], shots: list[Example] = (), **kw
+                    ) -> tuple[dict, list[str]]:
+    """{"exact": ..., "content": ... or None} (`scoring.scores`) and the predictions."""
     preds = predict(model, tok, examples, shots, **kw)
-    return sum(exact_match(p, e) for p, e in zip(preds, examples, strict=True)) / len(examples), preds
+    return scores(preds, [e.answer for e in examples]), preds
 
 
 def peak_rss_bytes() -> int:

@@ -17,8 +17,8 @@ def test_splits_are_seeded_sized_and_disjoint():
     assert (len(train), len(held_out)) == (300, 100)
     assert make_splits(300, 100, seed=0) == (train, held_out)
     assert make_splits(300, 100, seed=1)[1] != held_out
-    assert not {e.sentence for e in train} & {e.sentence for e in held_out}
-    assert len({e.sentence for e in train + held_out}) == 400
+    assert not {e.source for e in train} & {e.source for e in held_out}
+    assert len({e.source for e in train + held_out}) == 400
 
 
 def test_answers_are_the_facts_of_the_sentence():
@@ -27,12 +27,12 @@ def test_answers_are_the_facts_of_the_sentence():
         assert list(fields) == ["name", "age", "city"]
         assert isinstance(fields["age"], int) and 18 <= fields["age"] <= 90
         for value in fields.values():
-            assert str(value) in ex.sentence
+            assert str(value) in ex.source and ex.source in ex.turns[-1][1]
         assert ex.answer == json.dumps(fields)  # one canonical spelling
 
 
 def test_exact_match_and_accuracy():
-    ex = Example("Ana is 30 and lives in Oslo.", '{"name": "Ana", "age": 30, "city": "Oslo"}')
+    ex = Example((("user", "Ana is 30 and lives in Oslo."),), '{"name": "Ana", "age": 30, "city": "Oslo"}')
     assert exact_match(' {"name": "Ana", "age": 30, "city": "Oslo"}\n', ex)
     assert not exact_match('{"name": "Ana", "age": "30", "city": "Oslo"}', ex)
     assert not exact_match('```json\n{"name": "Ana", "age": 30, "city": "Oslo"}\n```', ex)
@@ -47,7 +47,7 @@ def test_prompt_is_chatml_with_shots_as_earlier_turns():
     train, held_out = make_splits(5, 1, seed=0)
     zero = prompt(held_out[0])
     assert zero.startswith("<|im_start|>user\n") and zero.endswith("<|im_end|>\n<|im_start|>assistant\n")
-    assert held_out[0].sentence in zero and held_out[0].answer not in zero
+    assert held_out[0].source in zero and held_out[0].answer not in zero
     two = prompt(held_out[0], train[:2])
     assert two.count("<|im_start|>assistant\n") == 3 and two.endswith(zero.split("<|im_start|>", 1)[1])
     assert train[0].answer + "<|im_end|>" in two and completion(train[0]) == train[0].answer + "<|im_end|>"
@@ -94,3 +94,17 @@ def test_answer_only_loss_equals_the_full_cross_entropy():
     ref = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), targets.flatten(),
                                             ignore_index=IGNORE)
     torch.testing.assert_close(lm_loss(model, idx, targets), ref, atol=1e-12, rtol=1e-12)
+
+
+def test_held_out_loss_weighs_every_answer_token_the_same():
+    from llama import Llama, LlamaConfig
+    from training import lm_loss, mean_loss
+
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=128, dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                              ffn_dim=24, max_seq_len=256)).double()
+    examples = make_splits(5, 0, seed=2)[0]
+    tok = CharTokenizer()
+    whole = lm_loss(model, *collate([encode_example(tok, ex) for ex in examples], pad_id=0))
+    # Batches of 2, 2 and 1 with different answer lengths: a mean of batch means would differ.
+    assert mean_loss(model, tok, examples, batch_size=2) == pytest.approx(whole.item(), rel=1e-12)

@@ -39,6 +39,7 @@ def test_qlora_run_saves_reloads_and_scores_the_same(tmp_path, tiny_gguf):
     res = finetune.run(small_cfg(tmp_path, tiny_gguf))
     assert len(res["losses"]) == 3 and all(math.isfinite(x) for x in res["losses"])
     assert res["acc_reloaded"] == res["acc"] and res["same_predictions_reloaded"] == 3
+    assert res["content_reloaded"] == res["content"] and 0 <= res["content_before"] <= 1
     assert 0 < res["trainable_params"] < res["all_params"]
     assert res["base_stored_bytes"] < res["base_bf16_bytes"] / 3.5  # 4.127 bits vs 16 (QLoRA sec. 3)
     adapter = tmp_path / "run" / "adapter"
@@ -107,9 +108,11 @@ def test_compare_table_chart_and_rows(tmp_path, capsys):
     assert bar_chart(results, tmp_path / "c.png").stat().st_size > 1000
     rows = rows_of(results[3], benchmark="finetune_compare")
     assert {r["metric"] for r in rows} >= {"accuracy", "peak_rss_bytes", "saved_bytes", "trainable_params"}
-    cfg = finetune.FinetuneConfig(out=str(tmp_path), steps=7)
+    cfg = finetune.FinetuneConfig(out=str(tmp_path), steps=7, task="route")
     cmd = worker_command(cfg, "lora", tmp_path / "lora.json")
     assert cmd[cmd.index("--steps") + 1] == "7" and "--no-reload" in cmd and "--lr" not in cmd
+    assert cmd[cmd.index("--task") + 1] == "route"
+    assert "--steps" not in worker_command(finetune.FinetuneConfig(out=str(tmp_path)), "lora", tmp_path / "x")
 
 
 def test_quantizing_while_loading_equals_quantizing_after(tiny_gguf):
@@ -125,6 +128,15 @@ def test_quantizing_while_loading_equals_quantizing_after(tiny_gguf):
         assert torch.equal(sd_direct[k], sd_after[k]), k
     idx = torch.tensor([[5, 9, 2, 6, 5, 3]])
     torch.testing.assert_close(direct(idx), after(idx), atol=0, rtol=0)
+
+
+def test_route_task_run_and_its_default_steps(tmp_path, tiny_gguf):
+    res = finetune.run(small_cfg(tmp_path, tiny_gguf, task="route", method="lora", steps=None,
+                                 reload=False, n_train=4))
+    assert res["task_name"] == "message routing" and res["steps"] == finetune.TASKS["route"].steps
+    assert res["content"] is not None and '"team"' in res["examples"][0]["expected"]
+    with pytest.raises(ValueError, match="unknown task 'sort'"):
+        finetune.run(small_cfg(tmp_path, tiny_gguf, task="sort"))
 
 
 def test_bottleneck_adapter_run(tmp_path, tiny_gguf):
