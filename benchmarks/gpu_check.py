@@ -1,4 +1,5 @@
-"""The one prepared script for a lent GPU: the CUDA kernel tests, then the kernel benchmark.
+"""The one prepared script for a lent GPU: the CUDA kernel tests (including
+`torch.library.opcheck` of every `loralab` op on CUDA tensors), then the kernel benchmark.
 
     PYTHONPATH=. python3 benchmarks/gpu_check.py --out "$OUT"
 

@@ -124,10 +124,10 @@ def bench_copy(b: Bench) -> float:
 
 
 def bench_dequant(b: Bench, n: int, k: int, weights, copy_gbs: float) -> None:
-    from kernels import dequantize_nf4
+    from kernels import dequantize_4bit as triton_dequantize
 
     nxt = cycler(weights)
-    ms = b.time_ms(lambda: dequantize_nf4(*nxt(), torch.bfloat16))
+    ms = b.time_ms(lambda: triton_dequantize(*nxt(), torch.bfloat16))
     p, s = weights[0]
     moved = p.numel() + s.absmax.numel() + s.nested_absmax.numel() * 4 + n * k * 2
     gbs = moved / ms / 1e6
@@ -140,15 +140,16 @@ def bench_dequant(b: Bench, n: int, k: int, weights, copy_gbs: float) -> None:
 
 def _matmul_peers(b: Bench, n: int, k: int, m: int, weights, w_bf16):
     """Timings (ms) of ours, bf16 matmul and dequantize-then-matmul at one M."""
-    from kernels import dequantize_nf4, nf4_matmul
+    from kernels import dequantize_4bit as triton_dequantize
+    from kernels import matmul_4bit
 
     x = torch.randn(m, k, device=b.device, dtype=torch.bfloat16)
     nxt = cycler(weights)
-    ours = b.time_ms(lambda: nf4_matmul(x, *nxt()))
+    ours = b.time_ms(lambda: matmul_4bit(x, *nxt()))
     dense = [w_bf16] + [w_bf16.clone() for _ in range(rotation(n * k * 2, b.cfg) - 1)]
     nxt_w = cycler(dense)
     bf16 = b.time_ms(lambda: torch.matmul(x, nxt_w().T))
-    deq = b.time_ms(lambda: torch.matmul(x, dequantize_nf4(*nxt(), torch.bfloat16).T))
+    deq = b.time_ms(lambda: torch.matmul(x, triton_dequantize(*nxt(), torch.bfloat16).T))
     return ours, bf16, deq
 
 
@@ -199,7 +200,8 @@ class DequantThenMatmul(torch.autograd.Function):
 
 
 def bench_qlora(b: Bench, n: int, k: int, weights) -> None:
-    from kernels import dequantize_nf4, nf4_linear
+    from kernels import dequantize_4bit as triton_dequantize
+    from kernels import linear_4bit
     from quant import dequantize_4bit
 
     def one():
@@ -217,8 +219,8 @@ def bench_qlora(b: Bench, n: int, k: int, weights) -> None:
             y.backward(gy)
 
         peers = {
-            "loralab-triton": lambda x, p, s: nf4_linear(x, p, s, backend="triton"),
-            "dequant(triton)+matmul": lambda x, p, s: DequantThenMatmul.apply(x, p, s, dequantize_nf4),
+            "loralab-triton": lambda x, p, s: linear_4bit(x, p, s, backend="triton"),
+            "dequant(triton)+matmul": lambda x, p, s: DequantThenMatmul.apply(x, p, s, triton_dequantize),
             "dequant(torch)+matmul": lambda x, p, s: DequantThenMatmul.apply(
                 x, p, s, lambda p, s, dt: dequantize_4bit(p, s, dtype=dt)),
         }

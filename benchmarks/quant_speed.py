@@ -13,7 +13,7 @@ dequantizes it back to bfloat16:
   has no CPU kernel and torchao has none).
 
 "loralab" is the default path (the C loop of quant/native.py where it builds),
-"loralab-torch" the PyTorch-only path (`impl="torch"`). Each op is timed round-robin over
+"loralab-torch" the PyTorch-only path (`quant.force_backend("torch")`). Each op is timed round-robin over
 the providers in a shuffled order (median of `--repeat` rounds) because this machine is
 shared. GB/s counts the bfloat16 weight (2 bytes per parameter) read by quantize or
 written by dequantize. Writes benchmarks/results/quant_speed.csv and quant_speed.png and
@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS_DIR, make_row, time_cpu, write_rows  # noqa: E402
-from quant import dequantize_4bit, native, quantize_4bit  # noqa: E402
+from quant import dequantize_4bit, force_backend, native, quantize_4bit  # noqa: E402
 
 BLOCKSIZE = 64  # QLoRA sec. 3
 OPS = ("quantize", "dequantize", "dequantize_recycled", "dequantize_into")
@@ -52,10 +52,16 @@ def providers() -> dict[str, tuple[Callable, Callable, Callable | None]]:
     def quant(w):
         return quantize_4bit(w, "nf4", BLOCKSIZE, double_quant=True)
 
+    def torch_only(fn):
+        def call(*args):
+            with force_backend("torch"):
+                return fn(*args)
+        return call
+
     out = {"loralab": (quant, lambda q: dequantize_4bit(*q, dtype=torch.bfloat16),
                        lambda q, o: dequantize_4bit(*q, out=o)),
-           "loralab-torch": (quant, lambda q: dequantize_4bit(*q, dtype=torch.bfloat16, impl="torch"),
-                             lambda q, o: dequantize_4bit(*q, impl="torch", out=o))}
+           "loralab-torch": (quant, torch_only(lambda q: dequantize_4bit(*q, dtype=torch.bfloat16)),
+                             torch_only(lambda q, o: dequantize_4bit(*q, out=o)))}
     try:
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
         import bitsandbytes.functional as bnbf

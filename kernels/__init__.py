@@ -1,52 +1,72 @@
-"""Triton kernels for CUDA over the `quant/` 4-bit format.
+"""Triton kernels for CUDA over the `quant/` 4-bit format (NF4, FP4, INT4).
 
-- `dequantize_nf4(packed, state, dtype)`: codes -> dense weight in one pass.
-- `nf4_matmul(x, packed, state, bias)`: `x @ W.T + bias` without materializing W
-  (GEMV/split-K for M <= 16, tiled GEMM above).
-- `nf4_matmul_grad_input(grad_y, packed, state)`: `grad_y @ W`.
-- `nf4_linear(x, packed, state, bias)`: the differentiable layer call; Triton on CUDA,
-  pure PyTorch elsewhere, `LORALAB_KERNELS=triton|torch|auto` forces a path.
+Importing this package registers the kernels as the "cuda" kernels of the `loralab`
+4-bit ops declared in quant/ops.py (kernels/dispatch.py): `quant.Linear4bit`,
+`quant.linear_4bit` and `QLoRALinear` on CUDA tensors then run Triton. `quant` itself is
+not changed; `quant.force_backend(...)` / `LORALAB_BACKEND` force a path.
+
+- `linear_4bit(x, packed, state, bias, backend=None)`: the differentiable layer call.
+- `dequantize_4bit(packed, state, dtype)`: codes -> dense weight in one pass (launcher).
+- `matmul_4bit(x, packed, state, bias)`: `x @ W.T + bias` without materializing W
+  (GEMV/split-K for M <= 16, tiled GEMM above); the no-grad launcher.
+- `matmul_4bit_grad_input(grad_y, packed, state)`: `grad_y @ W` (launcher).
 - `candidate_configs(kind)`, `pin_config(kind, TileConfig(...))`: the tiles the tuner tries,
   and a context manager that fixes one (tests, reproducible benchmarks).
 - `python -m kernels.compile_check`: compile every kernel for sm_90 without a GPU.
+- Deprecated aliases (warn): `dequantize_nf4`, `nf4_matmul`, `nf4_matmul_grad_input`, `nf4_linear`.
 
 Importing this package never needs Triton; the kernel functions do.
 """
 from __future__ import annotations
 
-import quant.linear as _quant_linear
+import functools
+import warnings
 
+from . import dispatch as _dispatch
 from ._backend import BACKENDS, ENV_VAR, interpreter_enabled, select_backend, triton_available
-from .autograd import NF4LinearFunction, nf4_linear, reference_linear
+from .linear import linear_4bit
 from .tuning import TileConfig, candidate_configs, pin_config
 
-# Every quant.LinearNF4 (and so every QLoRALinear) calls through `nf4_linear` from now on:
-# Triton for CUDA inputs, quant's PyTorch reference otherwise.
-_quant_linear.register_fast_linear(nf4_linear)
+_dispatch.register()
 
 
-def dequantize_nf4(packed, state, dtype=None):
-    """See `kernels.dequant.dequantize_nf4`."""
-    from .dequant import dequantize_nf4 as impl
+def dequantize_4bit(packed, state, dtype=None):
+    """See `kernels.dequant.dequantize_4bit`."""
+    from .dequant import dequantize_4bit as impl
 
     return impl(packed, state, dtype)
 
 
-def nf4_matmul(x, packed, state, bias=None):
-    """See `kernels.matmul.nf4_matmul`."""
-    from .matmul import nf4_matmul as impl
+def matmul_4bit(x, packed, state, bias=None):
+    """See `kernels.matmul.matmul_4bit` (no autograd: use `linear_4bit`)."""
+    from .matmul import matmul_4bit as impl
 
     return impl(x, packed, state, bias)
 
 
-def nf4_matmul_grad_input(grad_y, packed, state):
-    """See `kernels.grad.nf4_matmul_grad_input`."""
-    from .grad import nf4_matmul_grad_input as impl
+def matmul_4bit_grad_input(grad_y, packed, state):
+    """See `kernels.grad.matmul_4bit_grad_input`."""
+    from .grad import matmul_4bit_grad_input as impl
 
     return impl(grad_y, packed, state)
 
 
-__all__ = ["BACKENDS", "ENV_VAR", "NF4LinearFunction", "TileConfig", "candidate_configs",
-           "dequantize_nf4", "interpreter_enabled", "nf4_linear", "nf4_matmul",
-           "nf4_matmul_grad_input", "pin_config", "reference_linear", "select_backend",
-           "triton_available"]
+def _deprecated(old: str, new):
+    @functools.wraps(new)
+    def alias(*args, **kwargs):
+        warnings.warn(f"kernels.{old} is deprecated; use kernels.{new.__name__} (it serves NF4, "
+                      f"FP4 and INT4)", DeprecationWarning, stacklevel=2)
+        return new(*args, **kwargs)
+
+    return alias
+
+
+dequantize_nf4 = _deprecated("dequantize_nf4", dequantize_4bit)
+nf4_matmul = _deprecated("nf4_matmul", matmul_4bit)
+nf4_matmul_grad_input = _deprecated("nf4_matmul_grad_input", matmul_4bit_grad_input)
+nf4_linear = _deprecated("nf4_linear", linear_4bit)
+
+__all__ = ["BACKENDS", "ENV_VAR", "TileConfig", "candidate_configs", "dequantize_4bit",
+           "dequantize_nf4", "interpreter_enabled", "linear_4bit", "matmul_4bit",
+           "matmul_4bit_grad_input", "nf4_linear", "nf4_matmul", "nf4_matmul_grad_input",
+           "pin_config", "select_backend", "triton_available"]

@@ -1,9 +1,9 @@
-"""Which path runs a 4-bit layer: the Triton kernels or the pure-PyTorch reference.
+"""Whether Triton can run here, and whether it would for an input (`select_backend`).
 
-`auto` (the default) uses Triton when the input is on CUDA and Triton imports; the
-environment variable `LORALAB_KERNELS` forces either path (`triton` or `torch`).
-Forcing `triton` on CPU tensors works only under Triton's interpreter
-(`TRITON_INTERPRET=1`), which is how the tests run the kernels without a GPU.
+The backend in force is `quant.requested_backend()` (`quant.force_backend`, or
+`LORALAB_BACKEND`; quant/backend.py). Forcing `triton` on CPU tensors works only under
+Triton's interpreter (`TRITON_INTERPRET=1`), which is how the tests run the kernels
+without a GPU.
 """
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import os
 
 import torch
 
-ENV_VAR = "LORALAB_KERNELS"
-BACKENDS = ("auto", "triton", "torch")
+from quant.backend import BACKENDS, ENV_VAR, check_backend, requested_backend  # noqa: F401
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,26 +39,15 @@ def triton_available() -> bool:
         return False
 
 
-def requested_backend() -> str:
-    """The backend asked for by `LORALAB_KERNELS` (`auto` when unset)."""
-    mode = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if mode not in BACKENDS:
-        raise ValueError(f"{ENV_VAR}={mode!r} is not one of {BACKENDS}")
-    return mode
-
-
 def select_backend(x: torch.Tensor, backend: str | None = None) -> str:
-    """`"triton"` or `"torch"` for an input `x`.
+    """`"triton"` or `"torch"`: whether the Triton kernels would run for an input `x`.
 
     Args:
         x: the activation that the layer receives.
-        backend: `None` (read `LORALAB_KERNELS`), `"auto"`, `"triton"` or `"torch"`.
+        backend: `None` (the backend in force, `quant.requested_backend()`) or one of
+            `quant.BACKENDS`.
     """
-    mode = requested_backend() if backend is None else backend
-    if mode not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} or None, got {mode!r}")
-    if mode == "torch":
-        return "torch"
+    mode = requested_backend() if backend is None else check_backend(backend)
     if mode == "triton":
         if not _triton_importable():
             raise RuntimeError("the Triton backend was requested but triton does not import")
@@ -67,4 +55,4 @@ def select_backend(x: torch.Tensor, backend: str | None = None) -> str:
             raise RuntimeError("the Triton backend needs CUDA tensors, or TRITON_INTERPRET=1 "
                                f"for CPU tensors; got a tensor on {x.device}")
         return "triton"
-    return "triton" if (x.is_cuda and _triton_importable()) else "torch"
+    return "triton" if (mode == "auto" and x.is_cuda and _triton_importable()) else "torch"

@@ -1,4 +1,4 @@
-"""`dequantize_nf4`: 4-bit codes -> dense weight, one pass, each packed byte read once.
+"""`dequantize_4bit`: 4-bit codes -> dense weight, one pass, each packed byte read once.
 
 Each program decodes a tile of ROWS x COLS packed bytes; COLS divides blocksize / 2, so a
 tile row lies inside one absmax block and needs one scale (decoded from the nested
@@ -46,9 +46,9 @@ def _launch(packed, state, out, cfg: TileConfig) -> None:
                           num_warps=cfg.num_warps)
 
 
-def dequantize_nf4(packed: torch.Tensor, state: QuantState,
+def dequantize_4bit(packed: torch.Tensor, state: QuantState,
                    dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dense weight from 4-bit codes (NF4 or FP4, plain or double-quantized absmax).
+    """Dense weight from 4-bit codes (NF4, FP4 or INT4, plain or double-quantized absmax).
 
     Args:
         packed: ceil(numel / 2) uint8 codes, contiguous (any shape), on the same device as the state.

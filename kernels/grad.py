@@ -1,4 +1,4 @@
-"""`nf4_matmul_grad_input(grad_y, packed, state)` = `grad_y @ dequantize(W)`: the input
+"""`matmul_4bit_grad_input(grad_y, packed, state)` = `grad_y @ dequantize(W)`: the input
 gradient of `y = x @ W.T`, through W's transposed access pattern.
 
 Each program owns a (BLOCK_M, BLOCK_K) tile of the result and walks N: it reads the
@@ -75,13 +75,13 @@ def _launch(gy2, packed, state, out, cfg: TileConfig) -> torch.Tensor:
     return out
 
 
-def nf4_matmul_grad_input(grad_y: torch.Tensor, packed: torch.Tensor,
+def matmul_4bit_grad_input(grad_y: torch.Tensor, packed: torch.Tensor,
                           state: QuantState) -> torch.Tensor:
     """`grad_y @ W` for a 4-bit weight W of shape (N, K): the gradient of `x @ W.T` w.r.t. x.
 
     Args:
         grad_y: (..., N) float16, bfloat16 or float32, unit stride along N.
-        packed, state: the weight, as for `nf4_matmul`.
+        packed, state: the weight, as for `matmul_4bit`.
 
     Returns:
         (..., K) tensor of grad_y's dtype, accumulated in float32.

@@ -1,4 +1,4 @@
-"""`nf4_matmul(x, packed, state, bias)` = `x @ dequantize(W).T + bias` without materializing W.
+"""`matmul_4bit(x, packed, state, bias)` = `x @ dequantize(W).T + bias` without materializing W.
 
 Two kernels share the weight-tile readers of `_format`:
 
@@ -219,7 +219,7 @@ def _bucket(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
-def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ W.T + bias` for a 4-bit weight W of shape (N, K), without materializing W.
 
@@ -230,8 +230,9 @@ def nf4_matmul(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
         bias: optional (N,) tensor of x's dtype and device.
 
     Returns:
-        (..., N) tensor of x's dtype, accumulated in float32. Not differentiable: use
-        `nf4_linear` for autograd.
+        (..., N) tensor of x's dtype, accumulated in float32. This is the no-grad launcher
+        (the "cuda" kernel of `loralab::linear_4bit`): for autograd call
+        `quant.linear_4bit` / `kernels.linear_4bit`, whose backward runs `matmul_4bit_grad_input`.
     """
     packed, n, k = check_weight_2d(packed, state)
     check_activation(x, "x", packed, k)

@@ -330,25 +330,6 @@ def _levels(table: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, packed.int()).view(torch.float32)  # (m,) int64 -> (2m,) float32
 
 
-IMPLS = ("auto", "native", "torch")
-
-
-def _use_native(packed: torch.Tensor, impl: str) -> bool:
-    """Whether the C loop (quant/native.py) dequantizes the full blocks: "auto" picks it for
-    CPU tensors outside torch.compile (which traces the PyTorch path) when it is built."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "torch":
-        return False
-    usable = packed.device.type == "cpu" and not torch.compiler.is_compiling()
-    if impl == "native":
-        if not usable or not native.available():
-            raise RuntimeError("impl='native' needs a CPU tensor outside torch.compile and the C "
-                               f"dequantizer ({native.reason()})")
-        return True
-    return usable and native.available()
-
-
 def _contiguous(state: QuantState) -> QuantState:
     """`state` itself, or a copy whose tensors are contiguous (the C loop reads raw memory;
     a validated state already has the dtypes it needs)."""
@@ -422,43 +403,33 @@ def _check_out(out: torch.Tensor, n: int, dtype: torch.dtype, device: torch.devi
                          f"{'' if out.is_contiguous() else ' (not contiguous)'}")
 
 
-def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None,
-                    impl: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
-    """Inverse of `quantize_4bit`: `code[q] * absmax[block]`, computed in float32.
+def check_out(out: torch.Tensor, packed: torch.Tensor, state: QuantState, dtype: torch.dtype) -> torch.Tensor:
+    """`out` as a flat view after checking it can take the dequantized weight (`dequantize_4bit`'s `out=`)."""
+    _check_out(out, state.numel, dtype, packed.device)
+    _check_no_overlap(out, packed, state)
+    return out.view(-1)
+
+
+def dequantize_into(packed: torch.Tensor, state: QuantState, out: torch.Tensor, loop: str = "torch") -> None:
+    """Write `code[q] * absmax[block]` (float32 product, one rounding) into `out`: the kernel
+    body of the `loralab::dequantize_4bit` ops (quant/ops.py), for a validated state.
 
     Args:
-        packed: `uint8` codes, `(n + 1) // 2` bytes in any shape (bitsandbytes uses `(n // 2, 1)`).
-        state: the `QuantState` returned with them.
-        dtype: output dtype; default out's dtype, else `state.dtype`.
-        impl: "auto" (the one-pass C loop of `quant.native` on the CPU when it is built,
-            else PyTorch), "native" (the C loop, or an error) or "torch" (PyTorch ops only).
-            All give the same bits.
-        out: optional contiguous tensor of `state.numel` elements (any shape) on packed's
-            device to write into, as bitsandbytes' `out=`; its dtype is the output dtype.
-            Reusing one buffer saves allocating (and page-faulting) a new weight per call.
-
-    Returns:
-        Tensor of `state.shape` and `dtype` (a view of `out` when given).
+        packed: the uint8 codes (any shape).
+        state: their validated `QuantState`.
+        out: contiguous `(state.numel,)` float32, bfloat16 or float16, written in place.
+        loop: "torch" (PyTorch ops), "native" (the C loop's default) or "portable" (the C
+            loop without AVX-512) for the whole blocks; all give the same bits.
     """
-    check_packed(packed, state)
-    if dtype is None:
-        dtype = out.dtype if isinstance(out, torch.Tensor) else state.dtype
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     n, bs = state.numel, state.blocksize
-    if out is None:
-        out = torch.empty(n, dtype=dtype, device=packed.device)
-    else:
-        _check_out(out, n, dtype, packed.device)
-        _check_no_overlap(out, packed, state)
-        out = out.view(-1)
     flat = packed.reshape(-1)  # (n_bytes,)
     full = n - n % bs
-    use_native = _use_native(packed, impl)
+    use_native = loop != "torch"
     table = None if use_native and full == n else \
         _pair_table(state.code.to(device=packed.device, dtype=torch.float32))  # (256,) int64
     if use_native:  # the same arithmetic in one pass of C, absmax included
-        native.dequantize_blocks(flat.contiguous(), _contiguous(state), out, full // bs)
+        native.dequantize_blocks(flat.contiguous(), _contiguous(state), out, full // bs,
+                                 simd=False if loop == "portable" else None)
         last_absmax = _last_absmax(state) if full < n else None
     else:
         absmax = state_absmax(state)
@@ -467,7 +438,6 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
     if full < n:  # the last, partial block
         values = _levels(table, flat[full // 2:])[: n - full]  # (n - full,)
         out[full:] = values * last_absmax
-    return out.view(state.shape)
 
 
 def unpack_codes(packed: torch.Tensor, state: QuantState) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""`LinearNF4`: a frozen linear layer whose weight is stored in 4 bits (QLoRA sec. 3).
+"""`Linear4bit` (alias `LinearNF4`): a frozen linear layer whose weight is stored in 4 bits (QLoRA sec. 3).
 
 The layer holds the packed codes and the quantization state as buffers (so `.to()` and
 `state_dict()` work) and computes `y = x @ W.T + b` in a compute dtype (bfloat16 by
-default), dequantizing W on the fly. Its backward gives the input gradient by
+default), dequantizing W on the fly, in one call of the `loralab::linear_4bit` op
+(quant/ops.py), whose kernel is picked by the input's device. Its backward gives the input gradient by
 dequantizing W again, so no full-precision copy of W is kept between forward and
 backward: the memory saving that lets QLoRA fine-tune a 65B model on one GPU.
 """
@@ -10,10 +11,9 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .blockwise import (
@@ -22,73 +22,11 @@ from .blockwise import (
     QUANT_TYPES,
     check_blocksize,
     check_weight,
-    dequantize_4bit,
     quantize_4bit,
 )
 from .codes import shared_code
+from .ops import dequantize_4bit, linear_4bit
 from .state import QuantState
-
-
-def _matmul_nf4(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
-                bias: torch.Tensor | None) -> torch.Tensor:
-    """`x @ W.T + bias` with W dequantized to x's dtype: the one place a 4-bit layer computes.
-
-    Shapes: x (..., in_features), W (out_features, in_features) -> (..., out_features).
-    """
-    weight = dequantize_4bit(packed, state, dtype=x.dtype)  # (out, in), freed after the call
-    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
-
-
-# A faster implementation of a 4-bit layer's call, `fn(x, packed, state, bias) -> y`, that
-# handles its own backward and falls back to `NF4LinearFunction` for inputs it does not
-# take. `kernels` registers its Triton `nf4_linear` here when it is imported (quant never
-# imports kernels; DESIGN.md). None: pure PyTorch.
-_fast_linear: Callable | None = None
-
-
-def register_fast_linear(fn: Callable | None) -> None:
-    """Route every `LinearNF4` call through `fn(x, packed, state, bias)` (None: PyTorch only)."""
-    global _fast_linear
-    if fn is not None and not callable(fn):
-        raise TypeError(f"fn must be callable or None, got {type(fn).__name__}")
-    _fast_linear = fn
-
-
-def linear_nf4(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-    """The differentiable 4-bit layer call: the registered fast path, else `NF4LinearFunction`."""
-    if _fast_linear is not None:
-        return _fast_linear(x, packed, state, bias)
-    return NF4LinearFunction.apply(x, packed, state, bias)
-
-
-class NF4LinearFunction(torch.autograd.Function):
-    """`y = x @ W.T + b` with a frozen 4-bit W; saves only the packed codes for backward.
-
-    Backward, for y = x W^T + b with x (M, K), W (N, K), g = dL/dy (M, N):
-        dL/dx = g W        (W dequantized again, in g's dtype)
-        dL/db = sum_m g[m]
-        dL/dW: none (W is frozen; `packed` holds integer codes).
-    """
-
-    @staticmethod
-    def forward(ctx, x, packed, state, bias):
-        ctx.state = state
-        ctx.save_for_backward(packed)
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return _matmul_nf4(x, packed, state, bias)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        (packed,) = ctx.saved_tensors
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            weight = dequantize_4bit(packed, ctx.state, dtype=grad_y.dtype)  # (N, K)
-            grad_x = grad_y @ weight  # (..., N) @ (N, K) -> (..., K)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(ctx.bias_dtype)  # (M, N) -> (N,)
-        return grad_x, None, None, grad_bias
 
 
 def _check_compute_dtype(compute_dtype: torch.dtype) -> torch.dtype:
@@ -98,8 +36,8 @@ def _check_compute_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     return compute_dtype
 
 
-class LinearNF4(nn.Module):
-    """A frozen linear layer with a 4-bit (NF4 by default) weight.
+class Linear4bit(nn.Module):
+    """A frozen linear layer with a 4-bit (NF4 by default, or FP4/INT4) weight.
 
     Args:
         in_features, out_features: layer sizes.
@@ -167,7 +105,7 @@ class LinearNF4(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
-                    double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16) -> "LinearNF4":
+                    double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16) -> "Linear4bit":
         """Quantize an `nn.Linear` (its weight and bias are copied, the original is untouched)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
@@ -226,7 +164,7 @@ class LinearNF4(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        y = linear_nf4(x.to(self.compute_dtype), self.weight_packed, self.quant_state, bias)
+        y = linear_4bit(x.to(self.compute_dtype), self.weight_packed, self.quant_state, bias)  # one op call
         return y.to(x.dtype)
 
     def _expected_buffers(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -304,6 +242,9 @@ class LinearNF4(nn.Module):
                 f"compute_dtype={self.compute_dtype}")
 
 
+LinearNF4 = Linear4bit  # the first name (it serves FP4 and INT4 too); kept for existing code
+
+
 def _name_matches(patterns: str | Iterable[str] | None, name: str) -> bool:
     if patterns is None:
         return True
@@ -316,14 +257,14 @@ def quantize_model(model: nn.Module, target_modules: str | Iterable[str] | None 
                    exclude_modules: str | Iterable[str] | None = None, quant_type: str = "nf4",
                    blocksize: int = 64, double_quant: bool = True,
                    compute_dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> nn.Module:
-    """Replace `nn.Linear` modules of `model` by `LinearNF4`, in place.
+    """Replace `nn.Linear` modules of `model` by `Linear4bit`, in place.
 
     Args:
         model: any module.
         target_modules: None for every `nn.Linear`; a list of names (a name matches itself
             or any name ending in "." + it, as PEFT); or a regex string for the full name.
         exclude_modules: names or regex to leave in full precision (e.g. ["lm_head"]).
-        quant_type, blocksize, double_quant, compute_dtype: as `LinearNF4`.
+        quant_type, blocksize, double_quant, compute_dtype: as `Linear4bit`.
         progress: show a tqdm bar.
 
     Returns:
@@ -343,7 +284,7 @@ def quantize_model(model: nn.Module, target_modules: str | Iterable[str] | None 
     for name in tqdm(names, desc="quantize", disable=not progress):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LinearNF4.from_linear(getattr(parent, child), quant_type=quant_type,
-                                                     blocksize=blocksize, double_quant=double_quant,
-                                                     compute_dtype=compute_dtype))
+        setattr(parent, child, Linear4bit.from_linear(getattr(parent, child), quant_type=quant_type,
+                                                      blocksize=blocksize, double_quant=double_quant,
+                                                      compute_dtype=compute_dtype))
     return model

@@ -104,3 +104,28 @@ def test_fullgraph(case):
     make, shape = CASES[case]
     eager, _, compiled, x = eager_and_compiled(make, shape, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), eager(x), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int4"])
+def test_linear4bit_is_one_op_in_the_graph(quant_type):
+    """Dynamo traces `Linear4bit` with no graph break into one `loralab.linear_4bit` call (its
+    fake kernel gives the shapes); forward and backward through aot_eager equal eager."""
+    from quant import Linear4bit
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    torch.manual_seed(0)
+    layer = Linear4bit(64, 24, quant_type=quant_type, compute_dtype=torch.float32)
+    x = torch.randn(3, 64, requires_grad=True)
+    y = torch.compile(layer, backend=record, fullgraph=True)(x)
+    y_eager = layer(x)
+    torch.testing.assert_close(y, y_eager, **TOL[torch.float32])
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    (g_eager,) = torch.autograd.grad(y_eager.square().sum(), x)
+    torch.testing.assert_close(g, g_eager, **TOL[torch.float32])
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.loralab.linear_4bit.default) == 1, targets

@@ -1,26 +1,35 @@
 """LinearNF4 and QLoRALinear run the Triton kernels when asked (on CUDA by default; here
-forced with LORALAB_KERNELS=triton under the interpreter) and PyTorch otherwise, with the
-same numbers."""
+forced with `quant.force_backend("triton")` under the interpreter) and PyTorch otherwise,
+with the same numbers."""
 import pytest
 import torch
 
 import kernels
-import kernels.autograd
-import quant.linear
+import kernels.grad
+import kernels.matmul
 from lora import LoRAConfig, QLoRALinear, apply_lora
-from quant import LinearNF4
+from quant import LinearNF4, force_backend
 
 
-def test_importing_kernels_registers_the_fast_path():
-    assert quant.linear._fast_linear is kernels.nf4_linear
+def test_importing_kernels_registers_the_cuda_kernels():
+    for name in ("loralab::linear_4bit", "loralab::linear_4bit_grad_input"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
 
 
-def _run(layer, x, backend, monkeypatch):
-    monkeypatch.setenv(kernels.ENV_VAR, backend)
+def _run(layer, x, backend):
     x = x.clone().requires_grad_(True)
-    y = layer(x)
-    y.square().sum().backward()
+    with force_backend(backend):
+        y = layer(x)
+        y.square().sum().backward()
     return y, x.grad
+
+
+def _count_launches(monkeypatch):
+    calls = []
+    for module, name in ((kernels.matmul, "matmul_4bit"), (kernels.grad, "matmul_4bit_grad_input")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    return calls
 
 
 @pytest.mark.parametrize("wrap", [False, True], ids=["LinearNF4", "QLoRALinear"])
@@ -35,11 +44,11 @@ def test_layers_dispatch_to_triton_and_match_torch(wrap, monkeypatch):
         assert isinstance(layer, QLoRALinear)
         torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
     x = torch.randn(3, 128)
-    y_t, g_t = _run(layer, x, "torch", monkeypatch)
-    y_k, g_k = _run(layer, x, "triton", monkeypatch)
-    base_y = y_k if not wrap else layer.base_layer(x.clone().requires_grad_(True))
-    assert base_y.grad_fn._forward_cls is kernels.autograd.NF4LinearFunction
-    assert y_t.grad_fn is not None
+    calls = _count_launches(monkeypatch)
+    y_t, g_t = _run(layer, x, "torch")
+    assert calls == [] and y_t.grad_fn is not None
+    y_k, g_k = _run(layer, x, "triton")
+    assert calls == ["matmul_4bit", "matmul_4bit_grad_input"]  # forward and backward in Triton
     torch.testing.assert_close(y_k, y_t, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(g_k, g_t, atol=1e-4, rtol=1e-4)
 

@@ -1,4 +1,4 @@
-"""`kernels.nf4_linear`: forward and backward through the Triton kernels against float64
+"""`kernels.linear_4bit`: forward and backward through the Triton kernels against float64
 autograd over the reference weight, and the run-time choice of backend."""
 import subprocess
 import sys
@@ -9,7 +9,8 @@ import torch
 pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from kernels import ENV_VAR, nf4_linear, select_backend, triton_available  # noqa: E402
+import kernels.matmul  # noqa: E402
+from kernels import ENV_VAR, linear_4bit, select_backend, triton_available  # noqa: E402
 from quant import dequantize_4bit, quantize_4bit  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}  # max error / max |reference|
@@ -28,7 +29,7 @@ def test_forward_backward_match_float64_autograd(m, dtype, double_quant):
     packed, state = quantize_4bit(torch.randn(n, k, generator=g) / k**0.5, double_quant=double_quant)
     x = torch.randn(2, m, k, generator=g).to(dtype).requires_grad_()
     b = torch.randn(n, generator=g).to(dtype).requires_grad_()
-    y = nf4_linear(x, packed, state, b, backend="triton")
+    y = linear_4bit(x, packed, state, b, backend="triton")
     gy = torch.randn(y.shape, generator=g).to(dtype)
     y.backward(gy)
 
@@ -47,7 +48,7 @@ def test_only_bias_needs_grad_and_weight_stays_frozen():
     before = packed.clone()
     x = torch.randn(5, 64)
     b = torch.zeros(24, requires_grad=True)
-    nf4_linear(x, packed, state, b, backend="triton").sum().backward()
+    linear_4bit(x, packed, state, b, backend="triton").sum().backward()
     assert x.grad is None
     torch.testing.assert_close(b.grad, torch.full((24,), 5.0))
     assert torch.equal(packed, before) and not packed.requires_grad
@@ -57,7 +58,7 @@ def test_torch_backend_is_the_reference():
     packed, state = quantize_4bit(torch.randn(24, 64))
     x = torch.randn(3, 64)
     want = x @ dequantize_4bit(packed, state, dtype=torch.float32).T
-    torch.testing.assert_close(nf4_linear(x, packed, state, backend="torch"), want)
+    torch.testing.assert_close(linear_4bit(x, packed, state, backend="torch"), want)
 
 
 def test_backend_selection(monkeypatch):
@@ -70,7 +71,7 @@ def test_backend_selection(monkeypatch):
     assert select_backend(x) == "torch"
     assert select_backend(x, backend="triton") == "triton"  # the argument beats the variable
     monkeypatch.setenv(ENV_VAR, "cuda")
-    with pytest.raises(ValueError, match="LORALAB_KERNELS='cuda' is not one of"):
+    with pytest.raises(ValueError, match="LORALAB_BACKEND must be one of"):
         select_backend(x)
     with pytest.raises(ValueError, match="backend must be one of"):
         select_backend(x, backend="fast")
@@ -79,18 +80,17 @@ def test_backend_selection(monkeypatch):
         select_backend(x, backend="triton")
 
 
-def test_env_var_routes_nf4_linear(monkeypatch):
+def test_env_var_routes_linear_4bit(monkeypatch):
     packed, state = quantize_4bit(torch.randn(24, 64))
     x = torch.randn(3, 64)
     calls = []
-    original = kernels.autograd.NF4LinearFunction.apply
-    monkeypatch.setattr(kernels.autograd.NF4LinearFunction, "apply",
-                        lambda *a: calls.append(1) or original(*a))
+    original = kernels.matmul.matmul_4bit
+    monkeypatch.setattr(kernels.matmul, "matmul_4bit", lambda *a: calls.append(1) or original(*a))
     monkeypatch.setenv(ENV_VAR, "torch")
-    nf4_linear(x, packed, state)
+    linear_4bit(x, packed, state)
     assert calls == []
     monkeypatch.setenv(ENV_VAR, "triton")
-    nf4_linear(x, packed, state)
+    linear_4bit(x, packed, state)
     assert calls == [1]
 
 
@@ -98,12 +98,13 @@ def test_auto_falls_back_for_unsupported_layers(monkeypatch):
     """in_features not a multiple of the blocksize: `auto` uses PyTorch, a forced `triton` raises."""
     packed, state = quantize_4bit(torch.randn(8, 96), blocksize=64)
     x = torch.randn(2, 96)
-    monkeypatch.setattr(kernels.autograd, "select_backend", lambda x, backend=None: "triton")
+    assert not kernels.dispatch.supports(x, [8, 96], 64, None)
+    assert kernels.dispatch.supports(x, [8, 128], 64, None)
     want = x @ dequantize_4bit(packed, state, dtype=torch.float32).T
-    torch.testing.assert_close(nf4_linear(x, packed, state), want)  # auto (variable unset)
+    torch.testing.assert_close(linear_4bit(x, packed, state), want)  # auto (variable unset)
     monkeypatch.setenv(ENV_VAR, "triton")
     with pytest.raises(ValueError, match="multiple of state.blocksize"):
-        nf4_linear(x, packed, state)
+        linear_4bit(x, packed, state)
 
 
 def test_triton_available_without_triton(monkeypatch):
@@ -113,6 +114,10 @@ def test_triton_available_without_triton(monkeypatch):
     assert select_backend(torch.randn(1)) == "torch"
     with pytest.raises(RuntimeError, match="triton does not import"):
         select_backend(torch.randn(1), backend="triton")
+    monkeypatch.setattr(kernels.dispatch, "_triton_importable", lambda: False)
+    packed, state = quantize_4bit(torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="triton does not import"):
+        linear_4bit(torch.randn(2, 64), packed, state, backend="triton")
 
 
 def test_package_imports_without_triton():

@@ -13,7 +13,8 @@ pytestmark = [pytest.mark.cuda,
 triton = pytest.importorskip("triton")
 
 import kernels  # noqa: E402
-from kernels import dequantize_nf4, nf4_linear, nf4_matmul, nf4_matmul_grad_input  # noqa: E402
+from kernels import dequantize_4bit as triton_dequantize  # noqa: E402
+from kernels import linear_4bit, matmul_4bit, matmul_4bit_grad_input  # noqa: E402
 from kernels.tuning import TileConfig, pin_config  # noqa: E402
 from quant import dequantize_4bit, quantize_4bit  # noqa: E402
 
@@ -53,7 +54,7 @@ def _close(got, want, dtype):
 def test_dequantize(shape, double_quant, dtype):
     packed, state = quantize_4bit(torch.randn(shape, device="cuda"), "nf4", 64, double_quant)
     with pin_config("dequant", PINS["dequant"]):
-        got = dequantize_nf4(packed, state, dtype)
+        got = triton_dequantize(packed, state, dtype)
     torch.testing.assert_close(got, dequantize_4bit(packed, state, dtype=dtype), atol=0, rtol=ULP[dtype])
 
 
@@ -63,23 +64,23 @@ def test_matmul_and_grad(pinned, m, dtype):
     packed, state, w = _weight(1000, 1536, double_quant=(m % 2 == 1))
     x = torch.randn(m, 1536, device="cuda").to(dtype)
     bias = torch.randn(1000, device="cuda").to(dtype)
-    _close(nf4_matmul(x, packed, state, bias), x.double() @ w.T + bias.double(), dtype)
+    _close(matmul_4bit(x, packed, state, bias), x.double() @ w.T + bias.double(), dtype)
     gy = torch.randn(m, 1000, device="cuda").to(dtype)
-    _close(nf4_matmul_grad_input(gy, packed, state), gy.double() @ w, dtype)
+    _close(matmul_4bit_grad_input(gy, packed, state), gy.double() @ w, dtype)
 
 
 def test_float32_activations(pinned):
     packed, state, w = _weight(512, 1024)
     for m in (1, 8, 100):
         x = torch.randn(m, 1024, device="cuda")
-        _close(nf4_matmul(x, packed, state), x.double() @ w.T, torch.float32)
+        _close(matmul_4bit(x, packed, state), x.double() @ w.T, torch.float32)
 
 
 @pytest.mark.parametrize("m", [1, 2048])
 def test_autotuned_path(m):
     packed, state, w = _weight(4096, 4096)
     x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
-    _close(nf4_matmul(x, packed, state), x.double() @ w.T, torch.bfloat16)
+    _close(matmul_4bit(x, packed, state), x.double() @ w.T, torch.bfloat16)
 
 
 def test_autograd_and_auto_dispatch(pinned, monkeypatch):
@@ -88,7 +89,7 @@ def test_autograd_and_auto_dispatch(pinned, monkeypatch):
     x = torch.randn(4, 300, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     b = torch.zeros(768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     assert kernels.select_backend(x) == "triton" and kernels.triton_available()
-    y = nf4_linear(x, packed, state, b)
+    y = linear_4bit(x, packed, state, b)
     gy = torch.randn_like(y)
     y.backward(gy)
     _close(y.detach(), x.detach().double() @ w.T, torch.bfloat16)
@@ -102,4 +103,34 @@ def test_large_weight_gemv(pinned):
     """28672 x 8192 (235M elements): 64-bit offsets and many programs."""
     packed, state, w = _weight(28672, 8192)
     x = torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16)
-    _close(nf4_matmul(x, packed, state), x.double() @ w.T, torch.bfloat16)
+    _close(matmul_4bit(x, packed, state), x.double() @ w.T, torch.bfloat16)
+
+
+OPCHECK_STATES = [  # (shape (N, K), quant_type, blocksize, double_quant, dtype, bias)
+    ((40, 64), "nf4", 64, True, torch.bfloat16, True),
+    ((7, 33), "fp4", 64, False, torch.float16, False),  # K not a multiple of the blocksize: PyTorch
+    ((96, 256), "int4", 128, True, torch.float32, False),
+]
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "torch"])
+@pytest.mark.parametrize("case", OPCHECK_STATES, ids=lambda c: f"{c[1]}-{c[0][0]}x{c[0][1]}")
+def test_opcheck_cuda_kernels(pinned, case, backend):
+    """torch.library.opcheck of every `loralab` op on CUDA tensors (the Triton kernels
+    registered by `kernels`), forced to each backend that runs on CUDA."""
+    from quant import force_backend
+    from quant.ops import DEQUANTIZE, DEQUANTIZE_INTO, GRAD_INPUT, LINEAR, state_args
+
+    (n, k), quant_type, blocksize, double_quant, dtype, bias = case
+    if backend == "triton" and k % blocksize:
+        pytest.skip("the Triton matmul needs in_features to be a multiple of the blocksize")
+    packed, state = quantize_4bit(torch.randn(n, k, device="cuda"), quant_type, blocksize, double_quant)
+    args = state_args(state)
+    x = torch.randn(3, k, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(n, device="cuda", dtype=dtype, requires_grad=True) if bias else None
+    gy = torch.randn(3, n, device="cuda", dtype=dtype)
+    with pin_config("dequant", PINS["dequant"]), force_backend(backend):
+        torch.library.opcheck(DEQUANTIZE, (packed, *args, dtype))
+        torch.library.opcheck(DEQUANTIZE_INTO, (packed, *args, torch.empty(n * k, device="cuda", dtype=dtype)))
+        torch.library.opcheck(LINEAR, (x, packed, *args, b))
+        torch.library.opcheck(GRAD_INPUT, (gy, packed, *args))

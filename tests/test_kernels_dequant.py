@@ -1,4 +1,4 @@
-"""`kernels.dequantize_nf4` against the pure-PyTorch reference `quant.dequantize_4bit`.
+"""`kernels.dequantize_4bit` against the pure-PyTorch reference `quant.dequantize_4bit`.
 
 Runs under TRITON_INTERPRET=1 on the CPU (tests/conftest.py sets it when there is no CUDA).
 """
@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import dequantize_nf4  # noqa: E402
+from kernels import dequantize_4bit as triton_dequantize  # noqa: E402
 from kernels.tuning import TileConfig, pin_config  # noqa: E402
 from quant import dequantize_4bit, quantize_4bit  # noqa: E402
 
@@ -34,7 +34,7 @@ def _quantized(shape, blocksize=64, double_quant=True, quant_type="nf4", seed=0)
 @pytest.mark.parametrize("shape,blocksize,double_quant,quant_type", CASES)
 def test_matches_reference(shape, blocksize, double_quant, quant_type, dtype):
     packed, state = _quantized(shape, blocksize, double_quant, quant_type)
-    got = dequantize_nf4(packed, state, dtype)
+    got = triton_dequantize(packed, state, dtype)
     want = dequantize_4bit(packed, state, dtype=dtype)
     assert got.shape == want.shape and got.dtype == dtype
     torch.testing.assert_close(got, want, atol=0.0, rtol=RTOL[dtype])
@@ -43,7 +43,7 @@ def test_matches_reference(shape, blocksize, double_quant, quant_type, dtype):
 def test_default_dtype_is_state_dtype():
     w = torch.randn(16, 64, dtype=torch.float16)
     packed, state = quantize_4bit(w)
-    assert dequantize_nf4(packed, state).dtype == torch.float16
+    assert triton_dequantize(packed, state).dtype == torch.float16
 
 
 def test_nested_absmax_decoded_in_kernel():
@@ -52,8 +52,8 @@ def test_nested_absmax_decoded_in_kernel():
     w = torch.randn(32, 256, generator=g)
     p_plain, s_plain = quantize_4bit(w, double_quant=False)
     p_dq, s_dq = quantize_4bit(w, double_quant=True)
-    plain = dequantize_nf4(p_plain, s_plain, torch.float32)
-    nested = dequantize_nf4(p_dq, s_dq, torch.float32)
+    plain = triton_dequantize(p_plain, s_plain, torch.float32)
+    nested = triton_dequantize(p_dq, s_dq, torch.float32)
     torch.testing.assert_close(nested, dequantize_4bit(p_dq, s_dq, dtype=torch.float32), atol=0, rtol=0)
     assert not torch.equal(plain, nested)  # 8-bit absmax differs from the float32 one
     torch.testing.assert_close(plain, nested, atol=0.05, rtol=0.02)
@@ -64,13 +64,13 @@ def test_pinned_tile_sizes_agree(block_bytes):
     packed, state = _quantized((9, 192), blocksize=64, double_quant=True)
     want = dequantize_4bit(packed, state, dtype=torch.float32)
     with pin_config("dequant", TileConfig(block_bytes=block_bytes, num_warps=1)):
-        got = dequantize_nf4(packed, state, torch.float32)
+        got = triton_dequantize(packed, state, torch.float32)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_accepts_bitsandbytes_packed_shape():
     packed, state = _quantized((8, 64))
-    got = dequantize_nf4(packed.view(-1, 1), state, torch.float32)  # bitsandbytes keeps (n // 2, 1)
+    got = triton_dequantize(packed.view(-1, 1), state, torch.float32)  # bitsandbytes keeps (n // 2, 1)
     torch.testing.assert_close(got, dequantize_4bit(packed, state, dtype=torch.float32), atol=0, rtol=0)
 
 
@@ -79,7 +79,7 @@ def test_any_code_book_is_looked_up():
     packed = torch.arange(256, dtype=torch.uint8).repeat(2)  # every byte value: all 16 x 16 pairs
     _, state = quantize_4bit(torch.randn(8, 128), double_quant=False)
     state.code = torch.randn(16, generator=torch.Generator().manual_seed(3))
-    got = dequantize_nf4(packed, state, torch.float32)
+    got = triton_dequantize(packed, state, torch.float32)
     torch.testing.assert_close(got, dequantize_4bit(packed, state, dtype=torch.float32), atol=0, rtol=0)
     scale = state.absmax.repeat_interleave(64)[:512]  # (512,) the block scale of each element
     assert torch.equal(got.reshape(-1)[:512:2], state.code[torch.arange(256) >> 4] * scale[::2])
@@ -89,23 +89,23 @@ def test_any_code_book_is_looked_up():
 def test_bad_inputs_raise_clear_errors():
     packed, state = _quantized((8, 64))
     with pytest.raises(TypeError, match="packed must be uint8"):
-        dequantize_nf4(packed.float(), state)
+        triton_dequantize(packed.float(), state)
     with pytest.raises(ValueError, match="packed has 255 bytes"):
-        dequantize_nf4(packed[:-1], state)
+        triton_dequantize(packed[:-1], state)
     with pytest.raises(ValueError, match="packed must be contiguous"):
-        dequantize_nf4(torch.stack([packed, packed], 1)[:, 0], state)
+        triton_dequantize(torch.stack([packed, packed], 1)[:, 0], state)
     with pytest.raises(TypeError, match="state must be a quant.QuantState"):
-        dequantize_nf4(packed, {"absmax": state.absmax})
+        triton_dequantize(packed, {"absmax": state.absmax})
     with pytest.raises(TypeError, match="dtype must be one of"):
-        dequantize_nf4(packed, state, torch.int32)
+        triton_dequantize(packed, state, torch.int32)
     with pytest.raises(ValueError, match="state.absmax is on meta"):
         state.absmax = state.absmax.to("meta")
-        dequantize_nf4(packed, state)
+        triton_dequantize(packed, state)
     packed, state = _quantized((8, 64))
     state.blocksize = 48
     with pytest.raises(ValueError, match="power of two"):
-        dequantize_nf4(packed, state)
+        triton_dequantize(packed, state)
     packed, state = _quantized((8, 64))
     state.quant_type = "nf3"
     with pytest.raises(ValueError, match="quant_type must be one of"):
-        dequantize_nf4(packed, state)
+        triton_dequantize(packed, state)

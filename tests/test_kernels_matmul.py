@@ -1,4 +1,4 @@
-"""`kernels.nf4_matmul` (GEMV and GEMM paths) and `kernels.nf4_matmul_grad_input` against
+"""`kernels.matmul_4bit` (GEMV and GEMM paths) and `kernels.matmul_4bit_grad_input` against
 dense float64 math over the reference weight `quant.dequantize_4bit`.
 
 Under TRITON_INTERPRET=1 `tl.dot` on bf16 is broken, so the kernels multiply bf16 in float32
@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import nf4_matmul, nf4_matmul_grad_input  # noqa: E402
+from kernels import matmul_4bit, matmul_4bit_grad_input  # noqa: E402
 from kernels.tuning import TileConfig, pin_config, pinned_config  # noqa: E402
 from quant import dequantize_4bit, quantize_4bit  # noqa: E402
 
@@ -55,7 +55,7 @@ def test_forward_matches_reference(m, n, k, double_quant, dtype, bias):
     x = _randn(m, k, dtype=dtype)
     b = _randn(n, dtype=dtype, seed=2) if bias else None
     want = x.double() @ w.T + (b.double() if bias else 0)  # (M, N)
-    assert_close_scaled(nf4_matmul(x, packed, state, b), want, dtype)
+    assert_close_scaled(matmul_4bit(x, packed, state, b), want, dtype)
 
 
 GRAD = [  # (M, N, K, double_quant, dtype)
@@ -70,7 +70,7 @@ GRAD = [  # (M, N, K, double_quant, dtype)
 def test_grad_input_matches_reference(m, n, k, double_quant, dtype):
     packed, state, w = _weight(n, k, double_quant)
     gy = _randn(m, n, dtype=dtype)
-    assert_close_scaled(nf4_matmul_grad_input(gy, packed, state), gy.double() @ w, dtype)
+    assert_close_scaled(matmul_4bit_grad_input(gy, packed, state), gy.double() @ w, dtype)
 
 
 # Pinned tiles: BLOCK_K below the blocksize, and BLOCK_K = 128 over two blocks with a ragged
@@ -92,10 +92,10 @@ def test_pinned_configs_agree(kind, m, config):
         assert pinned_config(kind) == config
         if kind == "grad_input":
             gy = _randn(m, 40, dtype=torch.float32)
-            got, want = nf4_matmul_grad_input(gy, packed, state), gy.double() @ w
+            got, want = matmul_4bit_grad_input(gy, packed, state), gy.double() @ w
         else:
             x = _randn(m, 320, dtype=torch.float32)
-            got, want = nf4_matmul(x, packed, state), x.double() @ w.T
+            got, want = matmul_4bit(x, packed, state), x.double() @ w.T
     assert pinned_config(kind) is None
     assert_close_scaled(got, want, torch.float32)
 
@@ -113,41 +113,41 @@ def test_pin_config_rejects_bad_arguments():
 def test_other_code_books_and_blocksizes(quant_type, blocksize):
     packed, state, w = _weight(24, 256, True, blocksize, quant_type)
     x = _randn(2, 256, dtype=torch.float32)
-    assert_close_scaled(nf4_matmul(x, packed, state), x.double() @ w.T, torch.float32)
+    assert_close_scaled(matmul_4bit(x, packed, state), x.double() @ w.T, torch.float32)
 
 
 def test_leading_dims_and_row_strided_input():
     packed, state, w = _weight(40, 64)
     big = _randn(2, 3, 80, dtype=torch.float32)
     x = big[..., :64]  # (2, 3, 64), row stride 80: read in place
-    y = nf4_matmul(x, packed, state)
+    y = matmul_4bit(x, packed, state)
     assert y.shape == (2, 3, 40)
     assert_close_scaled(y, x.double() @ w.T, torch.float32)
-    assert nf4_matmul(x[:0], packed, state).shape == (0, 3, 40)
+    assert matmul_4bit(x[:0], packed, state).shape == (0, 3, 40)
 
 
 def test_bad_inputs_raise_clear_errors():
     packed, state, _ = _weight(40, 64)
     x = torch.randn(2, 64)
     with pytest.raises(TypeError, match="x must have dtype"):
-        nf4_matmul(x.to(torch.int32), packed, state)
+        matmul_4bit(x.to(torch.int32), packed, state)
     with pytest.raises(ValueError, match="last dimension 64"):
-        nf4_matmul(torch.randn(2, 63), packed, state)
+        matmul_4bit(torch.randn(2, 63), packed, state)
     with pytest.raises(ValueError, match="x is on meta"):
-        nf4_matmul(x.to("meta"), packed, state)
+        matmul_4bit(x.to("meta"), packed, state)
     with pytest.raises(ValueError, match="unit stride"):
-        nf4_matmul(torch.randn(64, 2).T, packed, state)
+        matmul_4bit(torch.randn(64, 2).T, packed, state)
     with pytest.raises(ValueError, match=r"bias must have shape \(40,\)"):
-        nf4_matmul(x, packed, state, torch.randn(41))
+        matmul_4bit(x, packed, state, torch.randn(41))
     with pytest.raises(ValueError, match="bias must have shape"):
-        nf4_matmul(x, packed, state, torch.randn(40, dtype=torch.float16))
+        matmul_4bit(x, packed, state, torch.randn(40, dtype=torch.float16))
     with pytest.raises(TypeError, match="grad_y must have dtype"):
-        nf4_matmul_grad_input(torch.ones(2, 40, dtype=torch.int64), packed, state)
+        matmul_4bit_grad_input(torch.ones(2, 40, dtype=torch.int64), packed, state)
     with pytest.raises(ValueError, match="grad_y must have last dimension 40"):
-        nf4_matmul_grad_input(torch.randn(2, 64), packed, state)
+        matmul_4bit_grad_input(torch.randn(2, 64), packed, state)
     p96, s96 = quantize_4bit(torch.randn(8, 96), blocksize=64)  # a block would span two rows
     with pytest.raises(ValueError, match="multiple of state.blocksize"):
-        nf4_matmul(torch.randn(1, 96), p96, s96)
+        matmul_4bit(torch.randn(1, 96), p96, s96)
     p1d, s1d = quantize_4bit(torch.randn(128))
     with pytest.raises(ValueError, match="must be 2-D"):
-        nf4_matmul(torch.randn(1, 128), p1d, s1d)
+        matmul_4bit(torch.randn(1, 128), p1d, s1d)

@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("triton")
 import triton.testing  # noqa: E402
 
-from kernels import nf4_matmul, nf4_matmul_grad_input, tuning  # noqa: E402
+from kernels import matmul_4bit, matmul_4bit_grad_input, tuning  # noqa: E402
 from kernels.tuning import KINDS, TileConfig, candidate_configs, pick_config, pin_config  # noqa: E402
 from quant import dequantize_4bit, quantize_4bit  # noqa: E402
 
@@ -76,9 +76,9 @@ def test_tuned_launchers_give_correct_results(fake_gpu_timing):
     packed, state = quantize_4bit(torch.randn(40, 64), double_quant=True)
     w = dequantize_4bit(packed, state, dtype=torch.float32).double()
     x = torch.randn(17, 64)
-    torch.testing.assert_close(nf4_matmul(x, packed, state).double(), x.double() @ w.T,
+    torch.testing.assert_close(matmul_4bit(x, packed, state).double(), x.double() @ w.T,
                                atol=1e-4, rtol=1e-4)
     gy = torch.randn(17, 40)
-    torch.testing.assert_close(nf4_matmul_grad_input(gy, packed, state).double(), gy.double() @ w,
+    torch.testing.assert_close(matmul_4bit_grad_input(gy, packed, state).double(), gy.double() @ w,
                                atol=1e-4, rtol=1e-4)
     assert len(tuning.chosen_configs()) == 2

@@ -143,7 +143,9 @@ def test_8bit_blockwise_against_nearest_level():
 
 @pytest.mark.parametrize("blocksize", [32, 256, 4096])
 def test_blocksizes_and_partial_blocks(blocksize):
-    w = torch.randn(3, 1000)  # 3000 is not a multiple of any of these
+    # 3000 is not a multiple of any of these. Seeded: with one 4096-block the error depends on
+    # the largest |w| of the draw, and ~2% of unseeded draws exceeded the bound (test order).
+    w = torch.randn(3, 1000, generator=torch.Generator().manual_seed(blocksize))
     packed, state = quantize_4bit(w, blocksize=blocksize)
     assert state.absmax.numel() == -(-3000 // blocksize)
     assert rel_rmse(dequantize_4bit(packed, state), w) < 0.12
