@@ -1,4 +1,5 @@
 """LoRA and friends in pure PyTorch."""
+from . import init  # PiSSA, OLoRA, LoftQ as plain functions of one weight
 from .adapters import Adapter, AdapterConfig, add_adapters, remove_adapters
 from .combine import combine_adapters
 from .config import LoRAConfig
@@ -22,7 +23,7 @@ from .prompt_tuning import PromptTunedModel, PromptTuning, add_prompt_tuning
 from .qlora import QLoRALinear
 
 __all__ = [
-    "Adapter", "AdapterConfig", "DoraMagnitude", "LORA_LAYER_TYPES", "LoRAConfig", "LoRAEmbedding", "LoRALayer",
+    "Adapter", "AdapterConfig", "init", "DoraMagnitude", "LORA_LAYER_TYPES", "LoRAConfig", "LoRAEmbedding", "LoRALayer",
     "LoRALinear", "PromptTunedModel", "PromptTuning", "QLoRALinear", "add_adapters", "add_prompt_tuning",
     "apply_lora", "combine_adapters", "delete_adapter", "disable_adapters", "load_adapter", "lora_layers",
     "mark_only_lora_as_trainable", "merge_and_unload", "print_trainable_parameters", "read_adapter",

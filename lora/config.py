@@ -9,6 +9,15 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 
+from .init import (
+    PISSA_NITER,
+    REWRITING_INITS,
+    check_loftq_bits,
+    check_loftq_bits_supported,
+    check_loftq_iter,
+    init_kind,
+)
+
 BIAS_MODES = ("none", "all", "lora_only")
 INIT_MODES = ("kaiming", "gaussian")
 ALL_LINEAR = "all-linear"
@@ -53,6 +62,20 @@ def check_choice(name: str, value, allowed: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
+
+
+def check_init(init, name: str = "init") -> str:
+    """"kaiming" | "gaussian" (B = 0), or a scheme that also rewrites the base (lora/init.py):
+    "pissa", "pissa_niter_K" (randomized SVD, K >= 0 power iterations), "olora", "loftq"."""
+    if isinstance(init, str) and (init in INIT_MODES + REWRITING_INITS or PISSA_NITER.fullmatch(init)):
+        return init
+    raise ValueError(f"{name} must be one of {INIT_MODES + REWRITING_INITS} or 'pissa_niter_K' (K an int >= 0), "
+                     f"got {init!r}")
+
+
+def rewrites_base(init: str) -> bool:
+    """Whether `init` changes the frozen base weight (PiSSA, OLoRA, LoftQ)."""
+    return init_kind(init) in REWRITING_INITS
 
 
 def check_flag(name: str, value) -> bool:
@@ -123,7 +146,15 @@ def check_fields(values: dict, label) -> dict:
     out["alpha"] = check_alpha(values["alpha"], label("alpha"))
     out["dropout"] = check_dropout(values["dropout"], label("dropout"))
     check_choice(label("bias"), values["bias"], BIAS_MODES)
-    check_choice(label("init"), values["init"], INIT_MODES)
+    check_init(values["init"], label("init"))
+    check_loftq_bits(values["loftq_bits"], label("loftq_bits"))
+    check_loftq_iter(values["loftq_iter"], label("loftq_iter"))
+    if values["init"] == "loftq":
+        check_loftq_bits_supported(values["loftq_bits"], label("loftq_bits"))
+    if rewrites_base(values["init"]) and values["dora"] is True:
+        raise ValueError(f"{label('init')}={values['init']!r} with {label('dora')}=True is not supported: DoRA's "
+                         "magnitude would be taken from the rewritten base, and the adapter could not be "
+                         "converted to a plain LoRA")
     for flag in ("rslora", "fan_in_fan_out", "dora"):
         check_flag(label(flag), values[flag])
     out["rank_pattern"] = check_patterns(label("rank_pattern"), values["rank_pattern"], check_rank, "r")
@@ -144,6 +175,8 @@ PEFT_KEYS = {
     "alpha_pattern": ("alpha_pattern", {}), "modules_to_save": ("modules_to_save", None),
     "dora": ("use_dora", False),
 }
+PEFT_JSON_NAMES = {**{name: key for name, (key, _) in PEFT_KEYS.items()},
+                   "loftq_bits": "loftq_config.loftq_bits", "loftq_iter": "loftq_config.loftq_iter"}
 # PEFT features that change what the weights mean; a file using one would load wrongly, so it is refused.
 UNSUPPORTED_PEFT_KEYS = ("layers_to_transform", "layer_replication", "lora_bias", "target_parameters",
                          "trainable_token_indices", "use_qalora", "alora_invocation_tokens")
@@ -151,15 +184,17 @@ UNSUPPORTED_PEFT_KEYS = ("layers_to_transform", "layer_replication", "lora_bias"
 
 def _init_from_peft(init) -> str:
     """PEFT's `init_lora_weights`: True / False / "eva" (the init only chose the starting A;
-    the file holds the trained one) or "gaussian". Other schemes (PiSSA, OLoRA, LoftQ, ...)
-    also rewrite the base weights, so their adapters would load wrongly and are refused."""
+    the file holds the trained one), "gaussian", or a scheme that rewrote the base ("pissa",
+    "pissa_niter_K", "olora", "loftq"; kept, so that `load_adapter` can refuse to put such
+    an adapter on an original base). Others (CorDA, ...) are refused."""
     if isinstance(init, bool) or init == "eva":
         return "kaiming"
-    if init == "gaussian":
-        return "gaussian"
     if isinstance(init, str):
-        raise ValueError(f"adapter_config.json: init_lora_weights must be true, false, 'gaussian' or 'eva', "
-                         f"got {init!r} (schemes that change the base weights are not supported)")
+        try:
+            return check_init(init)
+        except ValueError:
+            raise ValueError(f"adapter_config.json: init_lora_weights must be true, false, 'gaussian' or 'eva' "
+                             f"(or 'pissa', 'pissa_niter_K', 'olora', 'loftq'), got {init!r}") from None
     raise TypeError(f"adapter_config.json: init_lora_weights must be a bool or 'gaussian', "
                     f"got {type(init).__name__} {init!r}")
 
@@ -180,12 +215,14 @@ class LoRAConfig:
     exclude_modules: list[str] | str | None = None  # same matching rule; wins over target_modules
     bias: str = "none"  # "none" | "all" | "lora_only": which biases train too (more params, can't disable cleanly)
     rslora: bool = False  # alpha / sqrt(r) instead of alpha / r: stabler at large r (rsLoRA)
-    init: str = "kaiming"  # "kaiming" (A kaiming-uniform, a=sqrt 5) or "gaussian" (A normal with std 1/r); B is zero
+    init: str = "kaiming"  # "kaiming"/"gaussian" (B = 0); "pissa", "pissa_niter_K", "olora", "loftq" rewrite the base (lora/init.py)
     fan_in_fan_out: bool = False  # True for GPT-2 Conv1D weights stored (in, out); set automatically for Conv1D
     rank_pattern: dict[str, int] = field(default_factory=dict)  # regex -> r for matching modules
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex -> alpha for matching modules
     modules_to_save: list[str] | None = None  # modules trained in full and saved with the adapter (e.g. a head)
     dora: bool = False  # DoRA (Liu et al. 2024): learn row magnitudes too; closer to full fine-tuning, slower step
+    loftq_bits: int = 4  # init="loftq": bits of the base (4 = NF4; 2..8 valid for LoftQ, only 4 stored here)
+    loftq_iter: int = 1  # init="loftq": alternating steps (LoftQ Algorithm 1, T); more = smaller error, slower init
 
     def __post_init__(self):
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -208,7 +245,9 @@ class LoRAConfig:
             "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
             "target_modules": targets, "exclude_modules": self.exclude_modules,
             "bias": self.bias, "use_rslora": self.rslora,
-            "init_lora_weights": True if self.init == "kaiming" else "gaussian",
+            "init_lora_weights": True if self.init == "kaiming" else self.init,
+            "loftq_config": {"loftq_bits": self.loftq_bits, "loftq_iter": self.loftq_iter}
+            if self.init == "loftq" else {},
             "fan_in_fan_out": self.fan_in_fan_out,
             "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
             "modules_to_save": self.modules_to_save, "use_dora": bool(self.dora), "inference_mode": True,
@@ -231,7 +270,12 @@ class LoRAConfig:
         for name in ("rank_pattern", "alpha_pattern"):  # PEFT writes {}, older files null
             values[name] = {} if values[name] is None else values[name]
         values["init"] = _init_from_peft(d.get("init_lora_weights", True))
-        return cls(**check_fields(values, lambda name: f"adapter_config.json: {PEFT_KEYS[name][0]}"))
+        loftq = d.get("loftq_config") or {}
+        if not isinstance(loftq, dict):
+            raise TypeError(f"adapter_config.json: loftq_config must be an object, got {type(loftq).__name__}")
+        values["loftq_bits"] = loftq.get("loftq_bits", 4)
+        values["loftq_iter"] = loftq.get("loftq_iter", 1)
+        return cls(**check_fields(values, lambda name: f"adapter_config.json: {PEFT_JSON_NAMES.get(name, name)}"))
 
     def to_dict(self) -> dict:
         return asdict(self)

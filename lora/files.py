@@ -29,6 +29,7 @@ is an error, never a silent choice.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -46,7 +47,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .adapters import BOTTLENECK_ATTR, AdapterConfig, adapter_modules, add_adapters, remove_adapters
-from .config import ALL_LINEAR, LoRAConfig, check_adapter_name, check_flag
+from .config import ALL_LINEAR, LoRAConfig, check_adapter_name, check_flag, rewrites_base
 from .inject import (
     CONFIG_ATTR,
     apply_lora,
@@ -348,16 +349,55 @@ def _save_names(adapter_names, configs: dict) -> list[str]:
     return names
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str] | None = None) -> list[Path]:
+def _converted_to_lora(model: nn.Module, adapter_name: str, config: LoRAConfig,
+                       tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], LoRAConfig]:
+    """A PiSSA/OLoRA adapter as a plain LoRA of rank 2r for the original base (PEFT's
+    `subtract_mutated_init`): W = W_res + s B0 A0 and the trained W_res + s B A give
+    `Delta W = s (B A - B0 A0) = s [B | -B0] [A ; A0]`. Rank and alpha double (alpha * sqrt 2
+    with rsLoRA), so the scaling stays s. (A0, B0) are the layer's `initial_factors`."""
+    if config.init == "loftq":
+        raise ValueError(f"adapter {adapter_name!r}: convert_to_lora cannot convert a LoftQ adapter: its base is "
+                         "LoftQ's quantized Q, not the original weight, and W - Q is not low-rank. Keep the "
+                         "4-bit base (its state_dict) with the adapter instead")
+    out = dict(tensors)
+    for path, layer in lora_layers(model):
+        if adapter_name not in layer.r:
+            continue
+        if adapter_name not in layer.initial_factors:
+            raise ValueError(f"adapter {adapter_name!r} of {path}: the initial factors (A0, B0) of its "
+                             f"init={config.init!r} are not known (they are kept by apply_lora in this process; "
+                             "a loaded adapter does not have them), so it cannot be converted to a plain LoRA")
+        A0, B0 = layer.initial_factors[adapter_name]
+        A, B = tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"]
+        out[f"{path}.lora_A.weight"] = torch.cat([A.detach(), A0.to(A.dtype)], dim=0)  # (2r, in)
+        out[f"{path}.lora_B.weight"] = torch.cat([B.detach(), -B0.to(B.dtype)], dim=1)  # (out, 2r)
+    factor = math.sqrt(2) if config.rslora else 2  # keeps alpha / r (or alpha / sqrt r) unchanged
+    converted = copy.deepcopy(config)
+    converted.init, converted.r, converted.alpha = "kaiming", 2 * config.r, config.alpha * factor
+    converted.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}
+    converted.alpha_pattern = {k: v * factor for k, v in config.alpha_pattern.items()}
+    return out, converted
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str] | None = None,
+                 convert_to_lora: bool = False) -> list[Path]:
     """Write each adapter's `adapter_config.json` and `adapter_model.safetensors` (atomically).
 
     LoRA / DoRA adapters and bottleneck adapters (`add_adapters`) are saved per adapter
     name; a model with a `PromptTuning` is saved as PEFT's PROMPT_TUNING (one folder).
     Returns the folders written ("default" in `directory`, others in `directory/<name>`).
     Every name, folder and tensor is checked before the first file is written.
+
+    `convert_to_lora=True` writes adapters started by PiSSA / OLoRA (which rewrote the base)
+    as plain LoRA adapters of rank 2r for the *original* base (`_converted_to_lora`; PEFT's
+    `path_initial_model_for_weight_conversion`), using the initial factors the layers kept
+    at init. Without it such an adapter is saved as trained, with `init_lora_weights`
+    recording the init, and `load_adapter` refuses to put it on an original base. A LoftQ
+    adapter cannot be converted (ValueError); other adapters are saved unchanged.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_flag("convert_to_lora", convert_to_lora)
     directory = _check_directory(directory)
     prompt = find_prompt(model)
     if prompt is not None:
@@ -372,6 +412,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_names: 
         for name in _save_names(adapter_names, configs):
             config = configs[name]
             live = bottleneck_tensors(model) if isinstance(config, AdapterConfig) else adapter_tensors(model, name, config)
+            if convert_to_lora and isinstance(config, LoRAConfig) and rewrites_base(config.init):
+                live, config = _converted_to_lora(model, name, config, live)
             plan.append((name, {PREFIX + k: t for k, t in live.items()}, config.to_peft_dict()))
     for name, _, _ in plan:
         adapter_folder(directory, name)  # every folder checked before the first write
@@ -606,10 +648,12 @@ def _restore(model: nn.Module, snap: dict) -> None:
 def _trial_apply(model: nn.Module, config: LoRAConfig, adapter_name: str, is_trainable: bool,
                  found: dict[str, torch.Tensor], directory: Path) -> dict[str, torch.Tensor]:
     """Add the adapter's layers (keys and shapes can only be checked against real layers);
-    on any failure take them out again, leaving the model exactly as it was."""
+    on any failure take them out again, leaving the model exactly as it was. The layers start
+    as plain LoRA whatever the file's init: the weights come from the file, and the base is
+    never rewritten by a load."""
     snap = _snapshot(model)
     try:
-        apply_lora(model, config, adapter_name=adapter_name)
+        apply_lora(model, dataclasses.replace(config, init="kaiming"), adapter_name=adapter_name)
         if not is_trainable:  # inference, as PEFT's from_pretrained: everything frozen
             model.requires_grad_(False)
         expected = adapter_tensors(model, adapter_name, config)
@@ -647,8 +691,20 @@ def _store_config(model: nn.Module, adapter_name: str, config: LoRAConfig, paths
     getattr(model, CONFIG_ATTR)[adapter_name] = stored
 
 
+def _check_base_matches(config: LoRAConfig, rewritten_base: bool, directory: Path) -> None:
+    """An adapter trained on a rewritten base (PiSSA/OLoRA residual, LoftQ's Q) gives wrong
+    outputs on the original base: refused unless the caller says the base is the rewritten one."""
+    if rewrites_base(config.init) and not rewritten_base:
+        remedy = ("convert it with save_adapter(model, dir, convert_to_lora=True) where it was trained"
+                  if config.init != "loftq" else "LoftQ adapters need LoftQ's 4-bit base Q")
+        raise ValueError(f"{directory / CONFIG_NAME}: init_lora_weights={config.init!r}: this adapter was trained "
+                         f"on a base that its init rewrote, not on the original weights, so on an original base "
+                         f"it gives wrong outputs; {remedy}. If this model's base already holds the rewritten "
+                         "weights, pass rewritten_base=True")
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
-                 is_trainable: bool = False) -> list[str]:
+                 is_trainable: bool = False, rewritten_base: bool = False) -> list[str]:
     """Load an adapter folder (ours or one written by PEFT for the same model).
 
     If the model has no adapter called `adapter_name`, it is added first (as `apply_lora`
@@ -663,12 +719,17 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     Bottleneck-adapter folders go through `add_adapters` the same way; a PROMPT_TUNING
     folder needs a model holding a `PromptTuning` of the same size.
 
+    A file whose `init_lora_weights` is PiSSA / OLoRA / LoftQ was trained on a rewritten base
+    and is refused unless `rewritten_base=True` says this model's base holds those rewritten
+    weights (a load never rewrites the base itself).
+
     Returns the qualified names of the layers that carry the adapter.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_adapter_name(adapter_name)
     check_flag("is_trainable", is_trainable)
+    check_flag("rewritten_base", rewritten_base)
     directory = _check_directory(directory)
     config, found = read_adapter(directory)
     if isinstance(config, dict):
@@ -679,6 +740,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         raise ValueError(f"adapter_name {adapter_name!r} is a bottleneck adapter of this model; "
                          "a LoRA adapter of that name would overwrite its files (use another adapter_name)")
     _check_ranks(config, found, directory)
+    _check_base_matches(config, rewritten_base, directory)
     if adapter_name in (getattr(model, CONFIG_ATTR, None) or {}):
         _check_existing(model, adapter_name, config, directory)
         expected = adapter_tensors(model, adapter_name, config)

@@ -16,7 +16,14 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from .config import ALL_LINEAR, BIAS_MODES, LoRAConfig, check_adapter_name, check_choice
+from .config import (
+    ALL_LINEAR,
+    BIAS_MODES,
+    LoRAConfig,
+    check_adapter_name,
+    check_choice,
+    rewrites_base,
+)
 from .dora import check_dora_targets
 from .layer import LoRAEmbedding, LoRALayer, LoRALinear, _is_conv1d, adapter_name_list, check_bool
 
@@ -288,6 +295,13 @@ def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defaul
     module registered under several names gets one wrapper that all its names point to.
     Modules in `config.modules_to_save` are trained in full, in place (shared by all
     adapters, unlike PEFT's copies).
+
+    Inits that start from the weight (lora/init.py) change the base: `init="pissa"` /
+    `"pissa_niter_K"` / `"olora"` rewrite each target's weight to `W - scaling * B @ A` (a
+    4-bit base is dequantized, factored and its residual re-quantized: QPiSSA, lossy, with a
+    warning); `init="loftq"` replaces each dense `nn.Linear` target by a `QLoRALinear` whose
+    4-bit base holds LoftQ's Q (quantize_model and apply_lora in one call). To use such an
+    adapter on the original base, save it with `save_adapter(..., convert_to_lora=True)`.
     """
     _check_model(model)
     if not isinstance(config, LoRAConfig):
@@ -310,6 +324,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defaul
             raise ValueError(f"{name} already has adapter {adapter_name!r}; LoRA cannot be applied twice")
     if config.dora:
         check_dora_targets(model, names)
+    if rewrites_base(config.init):
+        _check_init_targets(model, groups, config, sizes)
     for group in groups:
         _wrap(model, group, config, adapter_name, dtype, *sizes[group[0]])
     if config.dora:
@@ -325,6 +341,47 @@ def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defaul
         model.get_submodule(name).requires_grad_(True)
     _record_tied_weights(model)
     return names
+
+
+def _weight_holders(model: nn.Module) -> dict[int, set[int]]:
+    """id(parameter) -> ids of the modules holding it (a tied weight has several)."""
+    holders: dict[int, set[int]] = {}
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), set()).add(id(module))
+    return holders
+
+
+def _check_init_targets(model: nn.Module, groups: list[list[str]], config: LoRAConfig,
+                        sizes: dict[str, tuple[int, float]]) -> None:
+    """Inits that rewrite the base (PiSSA, OLoRA, LoftQ) need, for every target, before any
+    changes: a layer without adapters, of a type the init supports (LoftQ: a dense nn.Linear,
+    which becomes a QLoRALinear; PiSSA/OLoRA: a linear-like layer, dense or 4-bit), r <= min(in,
+    out), and a weight no other module shares (rewriting it would change that module too)."""
+    holders = _weight_holders(model)
+    for group in groups:
+        name, module = group[0], model.get_submodule(group[0])
+        where = f"init={config.init!r}: {name} ({type(module).__name__})"
+        if isinstance(module, LoRALayer):
+            raise ValueError(f"{where} already has adapters {module.adapter_names}; an init that rewrites the base "
+                             "weight needs a layer without adapters (their training assumed the old weight)")
+        if config.init == "loftq" and type(module) is not nn.Linear:
+            raise ValueError(f"{where}: LoftQ needs a dense nn.Linear (its full-precision weight); it replaces it "
+                             "by a QLoRALinear with a 4-bit base. Exclude this module or use another init")
+        wrapper = _wrapper_for(module)
+        if wrapper is None or not issubclass(wrapper, LoRALinear):
+            raise ValueError(f"{where}: this init is for linear layers only; exclude this module or use "
+                             "init='kaiming'/'gaussian'")
+        r = sizes[name][0]
+        shape = (module.out_features, module.in_features) if hasattr(module, "out_features") \
+            else tuple(module.weight.shape)
+        if r > min(shape):
+            raise ValueError(f"{where}: r={r} is larger than min(out, in) = {min(shape)} of its {shape} weight")
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and len(holders.get(id(weight), ())) > 1:
+            raise ValueError(f"{where}: its weight is tied to (the same Parameter as) another module's; "
+                             "rewriting it would change that module too. Untie the weights first")
 
 
 def _rank_and_alpha(config: LoRAConfig, group: list[str]) -> tuple[int, float]:
@@ -348,8 +405,14 @@ def _wrap(model: nn.Module, group: list[str], config: LoRAConfig, adapter_name: 
         return
     wrapper_cls = _wrapper_for(module)
     dropout = config.dropout if wrapper_cls is not LoRAEmbedding else 0.0
-    wrapper = wrapper_cls.from_layer(module, r=r, alpha=alpha, dropout=dropout,
-                                     fan_in_fan_out=config.fan_in_fan_out or None, **kwargs)
+    if config.init == "loftq":  # the dense nn.Linear becomes a QLoRALinear holding LoftQ's 4-bit Q
+        from .qlora import QLoRALinear  # qlora imports this module
+        wrapper = QLoRALinear.from_loftq(module, r=r, alpha=alpha, dropout=dropout, adapter_name=adapter_name,
+                                         rslora=config.rslora, loftq_bits=config.loftq_bits,
+                                         loftq_iter=config.loftq_iter, dtype=dtype)
+    else:
+        wrapper = wrapper_cls.from_layer(module, r=r, alpha=alpha, dropout=dropout,
+                                         fan_in_fan_out=config.fan_in_fan_out or None, **kwargs)
     for path in group:
         _set_submodule(model, path, wrapper)
 

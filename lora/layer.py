@@ -24,10 +24,13 @@ from .config import (
     check_alpha,
     check_choice,
     check_dropout,
+    check_init,
     check_rank,
+    rewrites_base,
     scaling_for,
 )
 from .dora import factored_row_norm, weight_row_sq_norm
+from .init import check_init_rank, init_kind, olora, pissa, pissa_niter
 
 
 def check_adapter_args(adapter_name, r, alpha, dropout, rslora=False, init="kaiming", dtype=None) -> None:
@@ -37,7 +40,7 @@ def check_adapter_args(adapter_name, r, alpha, dropout, rslora=False, init="kaim
     check_alpha(alpha)
     check_dropout(dropout)
     check_bool("rslora", rslora)
-    check_choice("init", init, INIT_MODES)
+    check_init(init)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float32) or None, got {dtype!r}")
 
@@ -146,6 +149,9 @@ class LoRALayer(nn.Module):
         self.tied_with: list[str] = []  # other modules holding our base weight (set by apply_lora)
         self.path: str | None = None  # qualified name in the model (set by apply_lora), for messages
         self._premerge_weight: torch.Tensor | None = None  # base weight before the first merge (see merge)
+        # {adapter: (A0, B0)} right after an init that rewrote the base (PiSSA, OLoRA): what
+        # `save_adapter(..., convert_to_lora=True)` subtracts to make a plain LoRA of the original base.
+        self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # New modules follow the wrapped layer's mode: a wrapper created under model.eval()
         # must not bring dropout in training mode (PEFT does the same).
         self.training = base_layer.training  # not train(): that would also reset the base's children
@@ -177,6 +183,7 @@ class LoRALayer(nn.Module):
         if adapter_name in self.r:
             raise ValueError(f"adapter_name {adapter_name!r} already exists on this layer; "
                              "LoRA cannot be applied twice with the same adapter name")
+        self.check_init_allowed(init, r)
         device, base_dtype = _base_device_dtype(self.base_layer)
         dtype = dtype or _default_adapter_dtype(base_dtype)
         self._create_adapter(adapter_name, r, dropout, device, dtype)
@@ -186,6 +193,25 @@ class LoRALayer(nn.Module):
         self.reset_adapter(adapter_name, init)
         if activate or (activate is None and not self.active_adapters):
             self.set_adapter(self.active_adapters + [adapter_name])
+
+    def check_init_allowed(self, init: str, r: int) -> None:
+        """Raise ValueError if `init` cannot start an adapter of rank `r` here (before anything changes).
+        Only kaiming/gaussian by default; `LoRALinear` also takes the base-rewriting inits."""
+        if rewrites_base(init):
+            raise ValueError(f"init={init!r} is not supported by {type(self).__name__} (it rewrites a linear "
+                             "layer's weight from its SVD/QR); use init='kaiming' or 'gaussian'")
+
+    def _check_rewrite_allowed(self, init: str) -> None:
+        """A base-rewriting init needs a layer with no adapter yet: merged adapters live in the
+        weight it would factor, and other adapters were trained on the weight it would replace."""
+        if self.merged_adapters:
+            raise ValueError(f"init={init!r} on a merged layer: adapters {self.merged_adapters} are merged into "
+                             "the base weight it would factor; unmerge() (or use a fresh layer) first")
+        if self.r:
+            raise ValueError(f"init={init!r} rewrites the base weight, which adapters {self.adapter_names} of "
+                             "this layer were trained on; use it on a layer without adapters")
+        if self.tied_with:
+            raise ValueError(f"init={init!r} would rewrite a base weight tied to {self.tied_with}")
 
     def _follow_training_flag(self, adapter_name: str) -> None:
         """Put the new adapter's modules (A, B, dropout, ...) in this layer's mode."""
@@ -249,6 +275,7 @@ class LoRALayer(nn.Module):
                 del container[adapter_name]
         for d in (self.r, self.alpha, self.scaling):
             del d[adapter_name]
+        self.initial_factors.pop(adapter_name, None)
         if adapter_name in self.active_adapters:
             self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
 
@@ -497,15 +524,67 @@ class LoRALinear(LoRALayer):
 
     @torch.no_grad()
     def reset_adapter(self, adapter_name: str, init: str = "kaiming") -> None:
-        """A: kaiming-uniform with a = sqrt(5) (as nn.Linear; PEFT's default) or normal with std 1/r (PEFT's "gaussian"); B: zeros."""
+        """A: kaiming-uniform with a = sqrt(5) (as nn.Linear; PEFT's default) or normal with std 1/r
+        (PEFT's "gaussian"); B: zeros. "pissa[_niter_K]" / "olora" set A and B from the base
+        weight and rewrite it (see `init_from_weight`)."""
         self._check_known(adapter_name)
-        check_choice("init", init, INIT_MODES)
+        check_init(init)
+        if rewrites_base(init):
+            self.init_from_weight(adapter_name, init)
+            return
         A = self.lora_A[adapter_name].weight
         if init == "gaussian":
             nn.init.normal_(A, std=1.0 / self.r[adapter_name])
         else:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B[adapter_name].weight)
+
+    def check_init_allowed(self, init: str, r: int) -> None:
+        """PiSSA / OLoRA need a float base weight, no adapter yet (see `_check_rewrite_allowed`) and
+        r <= min(in, out). LoftQ replaces the layer's base by a 4-bit one, which a dense layer
+        cannot hold: it goes through `apply_lora` or `QLoRALinear.from_loftq`."""
+        if not rewrites_base(init):
+            return
+        if init == "loftq":
+            raise ValueError("init='loftq' replaces the base by a 4-bit LoftQ weight, which a LoRALinear cannot "
+                             "hold; use apply_lora(model, LoRAConfig(init='loftq', ...)) on the dense model or "
+                             "QLoRALinear.from_loftq(linear, ...)")
+        self._check_rewrite_allowed(init)
+        check_init_rank(r, (self.out_features, self.in_features))
+        self._init_source_weight()  # a base without a float weight fails here, before anything is added
+
+    def _init_source_weight(self) -> torch.Tensor:
+        """The weight an init factors, (out, in), detached."""
+        try:
+            return self._weight_out_in()
+        except TypeError as err:
+            raise TypeError(f"init needs a float base weight: {err}") from None
+
+    @torch.no_grad()
+    def _write_base_weight(self, adapter_name: str, weight: torch.Tensor) -> None:
+        """Replace the base weight by `weight` (out, in), in the base's dtype and layout."""
+        base = self.base_weight()
+        base.data.copy_(weight.T if self.fan_in_fan_out else weight)
+
+    @torch.no_grad()
+    def init_from_weight(self, adapter_name: str, init: str) -> None:
+        """PiSSA or OLoRA (lora/init.py) for adapter `adapter_name`: A and B from the base weight W,
+        and the base replaced by `W - scaling * B @ A`, so the layer's output is unchanged (up to
+        the base dtype's rounding). The starting (A0, B0) are kept in `initial_factors`.
+        `pissa_niter_K` draws its sketch from torch's global generator (seed it for determinism)."""
+        self._check_known(adapter_name)
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        W = self._init_source_weight()
+        r, scaling = self.r[adapter_name], self.scaling[adapter_name]
+        if init_kind(init) == "pissa":
+            result = pissa(W, r, pissa_niter(init), scaling=scaling, dtype=A.dtype)
+        else:
+            result = olora(W, r, scaling=scaling, dtype=A.dtype)
+        A.copy_(result.A)
+        B.copy_(result.B)
+        self._write_base_weight(adapter_name, result.base)
+        self._w_sq_cache = None
+        self.initial_factors[adapter_name] = (A.detach().clone(), B.detach().clone())
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """`scaling * B @ A`, shaped like the base weight ((out, in), or (in, out) with fan_in_fan_out).
@@ -672,6 +751,9 @@ class LoRAEmbedding(LoRALayer):
                  rslora: bool = False, init: str = "kaiming", dtype: torch.dtype | None = None,
                  padding_idx: int | None = None):
         check_adapter_args(adapter_name, r, alpha, 0.0, rslora, init, dtype)
+        if rewrites_base(init):
+            raise ValueError(f"init={init!r} is not supported by LoRAEmbedding (it rewrites a linear layer's "
+                             "weight from its SVD/QR); use init='kaiming' or 'gaussian'")
         if base_layer is None:
             for name, value in (("num_embeddings", num_embeddings), ("embedding_dim", embedding_dim)):
                 if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -712,7 +794,7 @@ class LoRAEmbedding(LoRALayer):
     @torch.no_grad()
     def reset_adapter(self, adapter_name: str, init: str = "kaiming") -> None:
         self._check_known(adapter_name)
-        check_choice("init", init, INIT_MODES)
+        check_choice("init", init, INIT_MODES)  # PiSSA / OLoRA / LoftQ are refused by check_init_allowed
         nn.init.zeros_(self.lora_embedding_A[adapter_name])
         nn.init.normal_(self.lora_embedding_B[adapter_name])
 

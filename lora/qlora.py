@@ -23,11 +23,15 @@ from typing import Iterable
 import torch
 from torch import nn
 
-import kernels  # noqa: F401  (registers the Triton path of LinearNF4 for CUDA inputs)
+import kernels  # noqa: F401  (registers the Triton kernels of the loralab 4-bit ops for CUDA)
 from quant import LinearNF4, dequantize_4bit
 
+from .config import scaling_for
+from .init import check_init_rank, check_loftq_bits_supported, check_loftq_iter, loftq
 from .inject import register_lora_layer
 from .layer import LoRALinear, check_adapter_args, check_bool
+
+FLOAT_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what a LinearNF4 can be quantized from
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +75,7 @@ class QLoRALinear(LoRALinear):
         if not isinstance(base_layer, LinearNF4):
             raise TypeError(f"base_layer must be a quant.LinearNF4, got {type(base_layer).__name__}")
         self.merge_errors: dict[str, float] = {}
+        self.init_errors: dict[str, float] = {}  # PiSSA/OLoRA on a 4-bit base: re-quantization error of the residual
         self._premerge: dict[str, torch.Tensor] | None = None  # 4-bit buffers from before the first merge
         super().__init__(in_features, out_features, r=r, alpha=alpha, dropout=dropout, bias=bias,
                          base_layer=base_layer, **kwargs)
@@ -96,6 +101,72 @@ class QLoRALinear(LoRALinear):
         """As `LoRALinear.add_adapter`; the default adapter dtype is the base's compute dtype."""
         super().add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
                             dtype=dtype or self.base_layer.compute_dtype, activate=activate)
+
+    # ----- inits that rewrite the base -----
+    def check_init_allowed(self, init: str, r: int) -> None:
+        """PiSSA / OLoRA on a 4-bit base (QPiSSA, PiSSA sec. 5): the dequantized weight is factored
+        and the residual re-quantized (lossy: see `init_errors`). LoftQ needs the full-precision
+        weight, which a 4-bit layer no longer has: use `from_loftq` on the `nn.Linear`."""
+        if init == "loftq":
+            raise ValueError("init='loftq' needs the full-precision weight, which a 4-bit base no longer has; "
+                             "use QLoRALinear.from_loftq(linear, ...) or apply_lora(..., init='loftq') on the "
+                             "dense (unquantized) model")
+        super().check_init_allowed(init, r)
+
+    def _init_source_weight(self) -> torch.Tensor:
+        return self.base_layer.dequantize(torch.float32)  # (out, in)
+
+    @torch.no_grad()
+    def _write_base_weight(self, adapter_name: str, weight: torch.Tensor) -> None:
+        """Re-quantize the residual into the 4-bit base (QPiSSA); the relative RMSE of that
+        re-quantization goes to `init_errors[adapter_name]`, with a warning: the layer's output
+        after init differs from before by it (PEFT warns the same for PiSSA on quantized bases)."""
+        self.base_layer.set_weight(weight.to(torch.float32))
+        error = relative_rmse(self.base_layer.dequantize(torch.float32), weight)
+        self.init_errors[adapter_name] = error
+        warnings.warn("PiSSA/OLoRA on a 4-bit base re-quantizes the residual W - s*B@A: the output after init "
+                      "differs from the quantized model's by that re-quantization (relative RMSE in "
+                      "layer.init_errors). For an exact start, initialize the dense model and quantize after.",
+                      UserWarning, stacklevel=2)
+
+    @classmethod
+    @torch.no_grad()
+    def from_loftq(cls, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, *,
+                   adapter_name: str = "default", rslora: bool = False, loftq_bits: int = 4, loftq_iter: int = 1,
+                   compute_dtype: torch.dtype | None = None, dtype: torch.dtype | None = None,
+                   blocksize: int = 64, double_quant: bool = True) -> "QLoRALinear":
+        """A QLoRALinear started by LoftQ (Li et al. 2023, Algorithm 1) from a dense `nn.Linear`
+        (left untouched): the 4-bit base holds Q and the adapter A, B, with
+        `dequant(Q) + scaling * B @ A ~ W` (`lora.init.loftq`).
+
+        compute_dtype: of the 4-bit base; default the linear's dtype (float32 for float64).
+        dtype: of the adapter; default the compute dtype (as QLoRALinear)."""
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"linear must be an nn.Linear (LoftQ needs its full-precision weight), "
+                            f"got {type(linear).__name__}")
+        check_adapter_args(adapter_name, r, alpha, dropout, rslora, "kaiming", dtype)
+        check_loftq_bits_supported(loftq_bits, "loftq_bits")
+        check_loftq_iter(loftq_iter, "loftq_iter")
+        check_init_rank(r, tuple(linear.weight.shape))
+        weight = linear.weight.detach()
+        if compute_dtype is None:
+            compute_dtype = weight.dtype if weight.dtype in FLOAT_WEIGHT_DTYPES else torch.float32
+        dtype = dtype or compute_dtype
+        result = loftq(weight, loftq_bits, r, loftq_iter, scaling=scaling_for(r, alpha, rslora), dtype=dtype,
+                       blocksize=blocksize, double_quant=double_quant)
+        base = LinearNF4(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                         weight=torch.zeros_like(weight, dtype=weight.dtype if weight.dtype in FLOAT_WEIGHT_DTYPES
+                                                 else torch.float32),
+                         blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype)
+        _set_quantized(base, *result.base)
+        if linear.bias is not None:
+            base.bias.data.copy_(linear.bias.detach())
+        layer = cls(linear.in_features, linear.out_features, r=r, alpha=alpha, dropout=dropout, base_layer=base,
+                    adapter_name=adapter_name, rslora=rslora, dtype=dtype)
+        layer.train(linear.training)
+        layer.lora_A[adapter_name].weight.copy_(result.A)
+        layer.lora_B[adapter_name].weight.copy_(result.B)
+        return layer
 
     # ----- merge: from the kept 4-bit original, add, re-quantize -----
     def _packed_state(self) -> dict[str, torch.Tensor]:
@@ -219,3 +290,13 @@ class QLoRALinear(LoRALinear):
 
 
 register_lora_layer(LinearNF4, QLoRALinear)
+
+
+def _set_quantized(layer: LinearNF4, packed: torch.Tensor, state) -> None:
+    """Put an NF4 `(packed, QuantState)` (same blocksize and double quantization) into `layer`'s buffers."""
+    layer.weight_packed = packed.to(layer.weight_packed.device)
+    layer.absmax = state.absmax.to(layer.weight_packed.device)
+    if layer.double_quant:
+        layer.offset = state.offset.to(layer.weight_packed.device)
+        layer.nested_absmax = state.nested_absmax.to(layer.weight_packed.device)
+    layer.quant_state.validate(layer.weight_packed)

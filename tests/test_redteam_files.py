@@ -421,7 +421,7 @@ def test_peft_style_file_without_metadata_uses_the_config_file(tmp_path):
     ({"lora_alpha": "4"}, ValueError, "lora_alpha must be a finite number"),
     ({"lora_dropout": True}, ValueError, "lora_dropout must be a float"),
     ({"bias": ["none"]}, ValueError, "bias must be one of"),
-    ({"init_lora_weights": "pissa"}, ValueError, "init_lora_weights must be true, false, 'gaussian' or 'eva'"),
+    ({"init_lora_weights": "corda"}, ValueError, "init_lora_weights must be true, false, 'gaussian' or 'eva'"),
     ({"init_lora_weights": 1.5}, TypeError, "init_lora_weights must be a bool"),
     ({"layers_to_transform": 0}, ValueError, "layers_to_transform=0 is not supported"),
 ])
