@@ -22,10 +22,11 @@ from .config import (
     LoRAConfig,
     check_adapter_name,
     check_choice,
+    check_flag,
     rewrites_base,
 )
 from .dora import check_dora_targets
-from .layer import LoRAEmbedding, LoRALayer, LoRALinear, _is_conv1d, adapter_name_list, check_bool
+from .layer import LoRAEmbedding, LoRALayer, LoRALinear, _is_conv1d, adapter_name_list
 
 # base layer type -> LoRA wrapper type; "linear-like" types are the ones "all-linear" picks.
 LORA_LAYER_TYPES: dict[type, type] = {nn.Linear: LoRALinear, nn.Embedding: LoRAEmbedding}
@@ -490,7 +491,7 @@ def merge_and_unload(model: nn.Module, **kwargs) -> nn.Module:
     unknown = set(kwargs) - set().union(*accepted.values()) if layers else set(kwargs)
     if unknown:
         raise TypeError(f"merge_and_unload got keyword arguments no LoRA layer takes: {sorted(unknown)}")
-    safe_merge = check_bool("safe_merge", kwargs.get("safe_merge", False))
+    safe_merge = check_flag("safe_merge", kwargs.get("safe_merge", False))
     names = kwargs.get("adapter_names")
     if names is not None:
         names = adapter_name_list(names)

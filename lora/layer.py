@@ -24,6 +24,7 @@ from .config import (
     check_alpha,
     check_choice,
     check_dropout,
+    check_flag,
     check_init,
     check_rank,
     rewrites_base,
@@ -39,7 +40,7 @@ def check_adapter_args(adapter_name, r, alpha, dropout, rslora=False, init="kaim
     check_rank(r)
     check_alpha(alpha)
     check_dropout(dropout)
-    check_bool("rslora", rslora)
+    check_flag("rslora", rslora)
     check_init(init)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype (e.g. torch.float32) or None, got {dtype!r}")
@@ -56,11 +57,6 @@ def _check_device(device):
                          f"got {device!r} ({err})") from None
 
 
-def check_bool(name: str, value) -> bool:
-    # A truthy string such as "False" must not silently switch a feature on.
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
 
 
 def adapter_name_list(adapter_names, name: str = "adapter_names", allow_empty: bool = False) -> list[str]:
@@ -179,7 +175,7 @@ class LoRALayer(nn.Module):
         Its modules take this layer's training flag (`self.training`)."""
         check_adapter_args(adapter_name, r, alpha, dropout, rslora, init, dtype)
         if activate is not None:
-            check_bool("activate", activate)
+            check_flag("activate", activate)
         if adapter_name in self.r:
             raise ValueError(f"adapter_name {adapter_name!r} already exists on this layer; "
                              "LoRA cannot be applied twice with the same adapter name")
@@ -234,7 +230,7 @@ class LoRALayer(nn.Module):
         """Set `alpha` and `scaling = alpha / r` (or `alpha / sqrt(r)` with rsLoRA) of one adapter."""
         self._check_known(adapter_name)
         check_alpha(alpha)
-        check_bool("rslora", rslora)
+        check_flag("rslora", rslora)
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before changing its scaling")
         self.alpha[adapter_name] = alpha
@@ -347,7 +343,7 @@ class LoRALayer(nn.Module):
         weight, delta or sum raises ValueError and nothing is written. A base weight tied
         to other modules (`tied_with`) is never merged into.
         """
-        check_bool("safe_merge", safe_merge)
+        check_flag("safe_merge", safe_merge)
         names = self._adapters_to_merge(adapter_names)
         if not names:
             return
@@ -464,7 +460,7 @@ class LoRALinear(LoRALayer):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         check_adapter_args(adapter_name, r, alpha, dropout, rslora, init, dtype)
         for name, value in (("bias", bias), ("fan_in_fan_out", fan_in_fan_out), ("dora", dora)):
-            check_bool(name, value)
+            check_flag(name, value)
         if base_layer is None:
             base_layer = nn.Linear(in_features, out_features, bias=bias, device=_check_device(device))
         else:
@@ -492,7 +488,7 @@ class LoRALinear(LoRALayer):
         if isinstance(base_layer, LoRALayer):
             raise ValueError("base_layer is already a LoRA layer; add another adapter with add_adapter() instead")
         if fan_in_fan_out is not None:
-            check_bool("fan_in_fan_out", fan_in_fan_out)
+            check_flag("fan_in_fan_out", fan_in_fan_out)
         if _is_conv1d(base_layer):
             in_features, out_features = base_layer.weight.shape  # Conv1D stores (in, out)
             if fan_in_fan_out is False:
@@ -601,7 +597,7 @@ class LoRALinear(LoRALayer):
                     rslora: bool = False, init: str = "kaiming", dtype: torch.dtype | None = None,
                     activate: bool | None = None, dora: bool = False) -> None:
         """As `LoRALayer.add_adapter`; `dora=True` makes it a DoRA adapter (`enable_dora`)."""
-        check_bool("dora", dora)
+        check_flag("dora", dora)
         if dora:
             self._weight_out_in()  # a base without a float weight fails before anything is added
         super().add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init,

@@ -29,7 +29,7 @@ from quant import LinearNF4, dequantize_4bit
 from .config import scaling_for
 from .init import check_init_rank, check_loftq_bits_supported, check_loftq_iter, loftq
 from .inject import register_lora_layer
-from .layer import LoRALinear, check_adapter_args, check_bool
+from .layer import LoRALinear, check_adapter_args, check_flag
 
 FLOAT_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what a LinearNF4 can be quantized from
 
@@ -223,7 +223,7 @@ class QLoRALinear(LoRALinear):
         `merge_errors[name]` and logged. With `safe_merge=True` a non-finite base, delta
         or sum raises ValueError before anything is written.
         """
-        check_bool("safe_merge", safe_merge)
+        check_flag("safe_merge", safe_merge)
         names = self._adapters_to_merge(adapter_names)
         if not names:
             return
@@ -267,8 +267,8 @@ class QLoRALinear(LoRALinear):
                 re-quantized sum, with the added error in its `requantization_error`
                 attribute (relative RMSE against the exact float32 sum), also logged.
         """
-        check_bool("requantize", requantize)
-        check_bool("safe_merge", safe_merge)
+        check_flag("requantize", requantize)
+        check_flag("safe_merge", safe_merge)
         exact = self._merged_weight(self._adapters_to_merge(adapter_names), safe_merge)
         base = self.base_layer
         if requantize:
