@@ -317,10 +317,14 @@ class LoRALayer(nn.Module):
             if not torch.isfinite(weight).all():
                 raise ValueError(f"base weight of {label} is not finite (it already holds inf or nan, "
                                  "before any adapter); nothing was written")
-            for name in names:
-                if not torch.isfinite(self.get_delta_weight(name)).all():
-                    raise ValueError(f"merging adapter {name!r} would write non-finite values into {label}: "
-                                     "its delta weight (scaling * B @ A) holds inf or nan; nothing was written")
+            self._check_deltas_finite(names, label)
+
+    def _check_deltas_finite(self, names: list[str], label: str) -> None:
+        """safe_merge's second check (after the base weight's): every delta `scaling * B @ A` is finite."""
+        for name in names:
+            if not torch.isfinite(self.get_delta_weight(name)).all():
+                raise ValueError(f"merging adapter {name!r} would write non-finite values into {label}: "
+                                 "its delta weight (scaling * B @ A) holds inf or nan; nothing was written")
 
     def _merged_weight(self, names: list[str], safe_merge: bool, label: str | None = None) -> torch.Tensor:
         """The base weight with `names` merged in, in the weight's dtype, not written yet."""

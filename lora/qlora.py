@@ -206,10 +206,7 @@ class QLoRALinear(LoRALinear):
         if not torch.isfinite(self._original_weight()).all():
             raise ValueError(f"base weight of {label} is not finite (its 4-bit absmax holds inf or nan, "
                              "before any adapter); nothing was written")
-        for name in names:
-            if not torch.isfinite(self.get_delta_weight(name)).all():
-                raise ValueError(f"merging adapter {name!r} would write non-finite values into {label}: "
-                                 "its delta weight (scaling * B @ A) holds inf or nan; nothing was written")
+        self._check_deltas_finite(names, label)
 
     def merge(self, safe_merge: bool = False, adapter_names: Iterable[str] | None = None) -> None:
         """Add the adapters into the 4-bit base: dequantize, add `scaling * B @ A`, re-quantize.

@@ -586,15 +586,7 @@ def test_failed_load_changes_nothing(tmp_path, kind, into):
 
 def test_failed_load_into_a_model_with_a_shared_module_restores_every_name(tmp_path):
     """One Linear registered as both `a` and `b`: a failed load must put it back under both."""
-    class Shared(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.a = nn.Linear(4, 4)
-            self.b = self.a
-
-        def forward(self, x):
-            return self.b(self.a(x))
+    from test_redteam_numerics import Shared
 
     source = Shared()
     apply_lora(source, LoRAConfig(r=2, alpha=4, target_modules=["a"]))
