@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -226,6 +227,11 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        # Gradient checkpointing (Chen et al. 2016, "Training deep nets with sublinear memory
+        # cost"): in training, each block keeps only its input and recomputes the rest in
+        # backward, trading one more forward pass per step for activation memory. Hugging
+        # Face's switch is `gradient_checkpointing_enable()`; here it is this attribute.
+        self.grad_checkpointing = False
 
     def forward(self, idx: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -269,8 +275,16 @@ class Llama(nn.Module):
             raise ValueError(f"sequence longer than max_seq_len={self.config.max_seq_len}")
         cfg = self.config
         cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_base, upcast(x).dtype)
+        if not isinstance(self.grad_checkpointing, bool):
+            raise TypeError(f"grad_checkpointing must be a bool, got {self.grad_checkpointing!r}")
+        # Checkpoint only when something will run backward (not in generation or no_grad).
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, mask, cache, i)
+            if ckpt:  # use_reentrant=False: the variant PyTorch recommends (works with kwargs,
+                # frozen inputs and autocast; the reentrant one needs an input requiring grad)
+                x = checkpoint(block, x, cos, sin, mask, None, i, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, i)
         return self.model.norm(x)
 
     @torch.no_grad()

@@ -716,7 +716,9 @@ class LoRALinear(LoRALayer):
             A, B = self.lora_A[name], self.lora_B[name]
             # Scale the thin (N, r) tensor rather than the (N, out) one: same math, less traffic.
             h = A(self.lora_dropout[name](x2d.to(A.weight.dtype))) * self.scaling[name]  # (N, r)
-            if h.dtype != result.dtype:  # e.g. float32 adapters over a bfloat16 base
+            if h.dtype != result.dtype or h.dtype != B.weight.dtype:
+                # float32 adapters over a bfloat16 base, or autocast (which casts B(h) for us but
+                # not the in-place addmm_ below)
                 result = result + B(h).to(result.dtype)
             elif self._can_add_in_place(result):
                 # result += h @ B^T in place: on the CPU a fresh (N, out) tensor costs more

@@ -281,8 +281,10 @@ def activation_bytes(spec: ModelSpec, method: str, batch_size: int, seq_len: int
     - outside the blocks: the RoPE tables gathered at each position, the final norm,
       the log-softmax of the logits kept by cross-entropy, and the int64 labels.
 
-    With `grad_checkpointing`, each block keeps only its input, and one block's
-    activations live again during its recomputation.
+    With `grad_checkpointing` (`torch.utils.checkpoint`, non-reentrant), each block
+    keeps only its input, and one block's activations live again during its
+    recomputation in backward: the peak is `num_layers * a * d + block + outside`
+    per token (tests/test_memory.py measures each piece).
     """
     if not isinstance(spec, ModelSpec):
         raise TypeError(f"spec must be a ModelSpec, got {type(spec).__name__}")
@@ -319,10 +321,46 @@ def activation_bytes(spec: ModelSpec, method: str, batch_size: int, seq_len: int
 
     per_token_layers = block(False) + (spec.num_layers - 1) * block(True)
     if grad_checkpointing:
-        per_token_layers = spec.num_layers * a * d + block(True)
+        # Held through the step: every block's input (a * d each). Live during one block's
+        # backward: that block's recomputed activations. Its first RMSNorm saves its fp32
+        # input, which in fp32 *is* the held block input (upcast is a no-op): count it once.
+        shared_input = 4 * d if act_dtype == torch.float32 else 0
+        per_token_layers = spec.num_layers * a * d + block(True) - shared_input
     final_norm = (4 * d + 4) + (4 * d + a * d if full else 0)
     outside = 4 * spec.head_dim + final_norm + a * spec.vocab_size + 8 + (8 if full else 0)
     return batch_size * seq_len * (per_token_layers + outside)
+
+
+def mixed_activation_bytes(spec: ModelSpec, batch_size: int, seq_len: int) -> int:
+    """Bytes autograd saves in one step of full fine-tuning under
+    `torch.autocast(dtype=torch.bfloat16)` with fp32 weights (mixed precision,
+    Micikevicius et al. 2018), counted as `examples/llama.py` saves them:
+
+    - the residual stream stays fp32 (the embedding is fp32, and fp32 + bf16 = fp32),
+      so both RMSNorms of a block save fp32: input, rsqrt, normalized x (4d + 4 + 4d);
+    - autocast casts a linear's input to bf16 once *per linear* (only leaf tensors are
+      cached), so q/k/v save three bf16 copies of the same input and gate/up two;
+      o_proj's input is the bf16 attention output, down_proj's the bf16 SwiGLU product;
+    - attention: bf16 q (d) and output (d), k and v (kv each), fp32 log-sum-exp per head;
+    - SwiGLU in bf16: gate and up outputs and silu(gate) (3f) plus the product (f);
+    - outside the blocks: the int64 ids (embedding backward), the fp32 RoPE tables,
+      the final norm (fp32), lm_head's bf16 input and the fp32 log-softmax of the
+      logits (cross_entropy runs in fp32 under autocast);
+    - per step, not per token: autocast's weight-cast cache. Each weight (a leaf that
+      requires grad) is cast to bf16 once per autocast region and that copy is saved
+      for backward (matmuls need W for the input gradient): 2 bytes per linear weight
+      and lm_head (the tied embedding too). The cache is freed when the region exits.
+    """
+    d, f, nh, V = spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.vocab_size
+    kv = spec.num_kv_heads * spec.head_dim
+    norm = 4 * d + 4 + 4 * d  # fp32 input, rsqrt(mean x^2), normalized x (weight trains)
+    attn = 3 * 2 * d + 2 * d + 2 * 2 * kv + 4 * nh + 2 * d  # q/k/v input casts, q, k, v, lse, output
+    mlp = 2 * 2 * d + 4 * 2 * f  # gate/up input casts; gate, up, silu(gate), product
+    block = 2 * norm + attn + mlp
+    outside = 8 + 4 * spec.head_dim + norm + 2 * d + 4 * V
+    linears = sum(o * i for o, i in spec.linear_shapes().values())
+    weight_copies = 2 * (spec.num_layers * linears + V * d)  # bf16 casts of every linear and lm_head
+    return batch_size * seq_len * (spec.num_layers * block + outside) + weight_copies
 
 
 def _estimate_from_spec(spec: ModelSpec, method, r, targets, weight_dtype, adapter_dtype,
@@ -387,7 +425,8 @@ def estimate(model_or_config, method: str = "lora", r: int = 8,
              target_modules=LLAMA_LINEARS, weight_dtype="bf16", adapter_dtype="fp32",
              optimizer: str = "adamw", batch_size: int = 1, seq_len: int = 512,
              grad_checkpointing: bool = False, act_dtype=None, dropout: float = 0.0,
-             blocksize: int = 64, double_quant: bool = True) -> MemoryEstimate:
+             blocksize: int = 64, double_quant: bool = True,
+             mixed_precision: bool = False) -> MemoryEstimate:
     """Estimate training memory in bytes, part by part.
 
     Args:
@@ -404,6 +443,11 @@ def estimate(model_or_config, method: str = "lora", r: int = 8,
         grad_checkpointing: keep only block inputs, recompute the rest in backward.
         act_dtype: dtype of activations; defaults to weight_dtype (full, lora) or
             the adapter dtype (qlora, which computes in the adapter dtype).
+        mixed_precision: full fine-tuning with fp32 master weights, gradients and AdamW
+            states (16 bytes per parameter) and a bf16 forward/backward under
+            `torch.autocast`; activations as `mixed_activation_bytes` counts them
+            (including autocast's bf16 weight copies). Needs method="full",
+            weight_dtype fp32, no act_dtype, no grad_checkpointing (not modelled yet).
     """
     _check_args(method, optimizer, r, batch_size, seq_len)
     weight_dtype, adapter_dtype = _dtype(weight_dtype, "weight_dtype"), _dtype(adapter_dtype, "adapter_dtype")
@@ -412,6 +456,7 @@ def estimate(model_or_config, method: str = "lora", r: int = 8,
     dropout = _check_dropout(dropout)
     _check_bool("grad_checkpointing", grad_checkpointing)
     _check_quant_args(blocksize, double_quant)
+    _check_mixed_precision(mixed_precision, method, weight_dtype, act_dtype, grad_checkpointing)
     spec, model = _spec_or_model(model_or_config)
     if model is not None:
         parts = _estimate_from_model(model, method, r, target_modules, weight_dtype,
@@ -429,12 +474,36 @@ def estimate(model_or_config, method: str = "lora", r: int = 8,
                                     optimizer, blocksize, double_quant)
     weights, grads, opt, trainable, total, details = parts
     acts = 0
-    if spec is not None:
+    if spec is not None and mixed_precision:
+        acts = mixed_activation_bytes(spec, batch_size, seq_len)
+        linears = sum(o * i for o, i in spec.linear_shapes().values())
+        details["autocast_weight_copies"] = 2 * (spec.num_layers * linears + spec.vocab_size * spec.hidden_size)
+    elif spec is not None:
         if act_dtype is None:
             act_dtype = adapter_dtype if method == "qlora" else weight_dtype
         acts = activation_bytes(spec, method, batch_size, seq_len, act_dtype, r,
                                 targets, dropout, grad_checkpointing)
     return MemoryEstimate(weights, grads, opt, acts, trainable, total, details)
+
+
+def _check_mixed_precision(mixed_precision, method, weight_dtype, act_dtype, grad_checkpointing) -> None:
+    """Mixed precision as estimated here is one setup; other combinations are errors."""
+    _check_bool("mixed_precision", mixed_precision)
+    if not mixed_precision:
+        return
+    if method != "full":
+        # LoRA/QLoRA already keep fp32 adapters over a frozen low-precision base; their
+        # autocast step is not measured yet (LoRALinear's in-place addmm_ rejects autocast's
+        # bf16 result with fp32 adapters), so it is not estimated either.
+        raise ValueError(f"mixed_precision=True applies to method='full' only, got method={method!r}")
+    if weight_dtype != torch.float32:
+        raise ValueError(f"mixed_precision=True keeps fp32 master weights: weight_dtype must be fp32, got {weight_dtype}")
+    if act_dtype is not None:
+        raise ValueError("mixed_precision=True: autocast decides each activation's dtype; "
+                         f"leave act_dtype unset, got act_dtype={act_dtype}")
+    if grad_checkpointing:
+        raise ValueError("mixed_precision=True with grad_checkpointing=True is not estimated "
+                         "(not measured yet); pass one of the two")
 
 
 def _spec_or_model(model_or_config) -> tuple["ModelSpec | None", "nn.Module | None"]:
@@ -561,29 +630,37 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="llama-3-8b", help=f"one of {sorted(PRESETS)}")
     p.add_argument("--method", default="all", help="full, lora, qlora or all (side by side)")
     p.add_argument("--r", type=_positive_int_arg, default=16)
-    p.add_argument("--weight-dtype", default="bf16", choices=sorted(_DTYPES))
+    p.add_argument("--weight-dtype", default=None, choices=sorted(_DTYPES), help="default bf16 (fp32 with --mixed-precision)")
     p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     p.add_argument("--batch-size", type=_positive_int_arg, default=1)
     p.add_argument("--seq-len", type=_positive_int_arg, default=512)
     p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--mixed-precision", action="store_true",
+                   help="full fine-tuning: fp32 master weights and AdamW, bf16 autocast compute")
     args = p.parse_args(argv)
+    if args.mixed_precision and args.method not in ("full", "all"):
+        p.error(f"--mixed-precision applies to --method full, got --method {args.method}")
+    if args.weight_dtype is None:
+        args.weight_dtype = "fp32" if args.mixed_precision else "bf16"
     if args.config not in PRESETS:
         p.error(f"--config must be one of {sorted(PRESETS)}, got {args.config!r}")
     if args.method != "all" and args.method not in METHODS:
         p.error(f"--method must be one of {METHODS} or 'all', got {args.method!r}")
-    methods = METHODS if args.method == "all" else (args.method,)
+    methods = ("full",) if args.mixed_precision else METHODS if args.method == "all" else (args.method,)
     spec = PRESETS[args.config]
     try:
         est = {m: estimate(spec, m, r=args.r, weight_dtype=args.weight_dtype,
                            optimizer=args.optimizer, batch_size=args.batch_size,
                            seq_len=args.seq_len, grad_checkpointing=args.grad_checkpointing,
-                           act_dtype=args.weight_dtype)
+                           act_dtype=None if args.mixed_precision else args.weight_dtype,
+                           mixed_precision=args.mixed_precision)
                for m in methods}
     except (ValueError, TypeError) as err:  # a one-line usage error, never a traceback
         p.error(str(err))
     print(f"{spec.name}: {spec.num_parameters():,} parameters; r={args.r}, all linear layers, "
           f"{args.weight_dtype} weights, {args.optimizer}, batch {args.batch_size} x "
-          f"{args.seq_len} tokens{', gradient checkpointing' if args.grad_checkpointing else ''}")
+          f"{args.seq_len} tokens{', gradient checkpointing' if args.grad_checkpointing else ''}"
+          f"{', bf16 autocast (mixed precision)' if args.mixed_precision else ''}")
     print(format_table(est))
     return 0
 

@@ -540,3 +540,30 @@ def test_qlora_merge_and_unload_after_merge_starts_from_the_original_weight():
     layer.merge()  # the 4-bit base now holds the re-quantized sum ...
     dense = layer.merge_and_unload()  # ... but the dense layer is built from the kept original
     assert torch.equal(dense.weight, exact)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_linear_under_bf16_autocast_matches_float32_within_bf16_rounding(dora):
+    """Autocast casts the matmul inputs to bf16 (2**-8 relative each) and rounds each product
+    sum once more, so every output is within 4 * 2**-8 of the float32 result times the sum of
+    absolute products it is built from. (The in-place addmm_ used to raise a dtype error.)"""
+    torch.manual_seed(0)
+    layer = LoRALinear(64, 48, r=4, alpha=8, dora=dora)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    x = torch.randn(5, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert x.grad is not None and layer.lora_A["default"].weight.grad is not None
+    with torch.no_grad():
+        exact = layer(x)
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        W = layer.base_layer.weight
+        magnitude = x.abs() @ W.abs().T + layer.scaling["default"] * (x.abs() @ A.abs().T) @ B.abs().T
+        if dora:  # y = Wx + (c - 1) Wx + c sBAx with the row scale c = m / ||W + sBA||: (1 + 2|c|) terms
+            c = layer.lora_magnitude_vector["default"].weight / layer.row_norm("default")  # (out,)
+            magnitude = magnitude * (1 + 2 * c.abs())
+        bound = 4 * 2.0 ** -8 * (magnitude + layer.base_layer.bias.abs())
+        assert ((y.float() - exact).abs() <= bound).all()
