@@ -56,6 +56,7 @@ from .inject import (
     replace_module,
     resolve_targets,
 )
+from .layer import adapter_name_list
 from .prompt_tuning import PromptTuning, check_prompt_config, prompt_config
 
 try:
@@ -334,14 +335,10 @@ def _save_names(adapter_names, configs: dict) -> list[str]:
     """The adapters to save: all of them, or the given name(s), each checked."""
     if adapter_names is None:
         names = list(configs)
-    elif isinstance(adapter_names, str):
-        names = [adapter_names]
-    elif isinstance(adapter_names, (list, tuple)):
-        names = list(adapter_names)
+        for name in names:
+            check_adapter_name(name, "adapter_names")
     else:
-        raise TypeError(f"adapter_names must be a list of adapter names or None, got {type(adapter_names).__name__}")
-    for name in names:
-        check_adapter_name(name, "adapter_names")
+        names = adapter_name_list(adapter_names, "adapter_names", allow_empty=True)
     names = list(dict.fromkeys(names))  # each folder once
     unknown = [n for n in names if n not in configs]
     if unknown:

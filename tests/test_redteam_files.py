@@ -114,6 +114,15 @@ def assert_unchanged(model, before) -> None:
     assert after[1:] == before[1:]
 
 
+def assert_load_refused(folder, pattern: str) -> None:
+    """load_adapter into a fresh Net raises ValueError matching `pattern` and changes nothing."""
+    model = net()
+    before = state(model)
+    with pytest.raises(ValueError, match=pattern):
+        load_adapter(model, folder)
+    assert_unchanged(model, before)
+
+
 # ----- 1. adapter names and paths -----
 
 BAD_NAMES = ["../../x", "a/b", "/tmp/abs", "", ".", "..", "x" * 129, "a b", "a.b"]
@@ -341,11 +350,7 @@ def test_config_smuggled_in_the_weights_metadata_is_an_error(tmp_path):
     tensors = load_file(folder / WEIGHTS_NAME)
     evil = json.loads((folder / CONFIG_NAME).read_text()) | {"lora_alpha": 99}
     save_file(tensors, folder / WEIGHTS_NAME, metadata={META_CONFIG: json.dumps(evil), META_REPLACES: "0" * 64})
-    model = net()
-    before = state(model)
-    with pytest.raises(ValueError, match=rf"{CONFIG_NAME} does not match the config .*{WEIGHTS_NAME} .*lora_alpha"):
-        load_adapter(model, folder)
-    assert_unchanged(model, before)
+    assert_load_refused(folder, rf"{CONFIG_NAME} does not match the config .*{WEIGHTS_NAME} .*lora_alpha")
 
 
 def test_config_of_another_save_beside_the_weights_is_an_error(tmp_path):
@@ -449,11 +454,7 @@ def test_rank_pattern_for_a_module_without_tensors_fails_before_building_it(tmp_
     folder = tmp_path / "a"
     save_adapter(adapted(target_modules=["fc1"]), folder)
     edit_config(folder, target_modules=["fc1", "fc2"], rank_pattern={"fc2": 3})
-    model = net()
-    before = state(model)
-    with pytest.raises(ValueError, match=r"missing keys for \['fc2'\]"):
-        load_adapter(model, folder)
-    assert_unchanged(model, before)
+    assert_load_refused(folder, r"missing keys for \['fc2'\]")
 
 
 def test_rslora_string_is_not_true():
@@ -528,11 +529,7 @@ def test_bad_prompt_config_fields(tmp_path, changes, pattern):
 def test_bad_lora_tensors_are_refused_naming_key_and_file(tmp_path, value, pattern):
     folder = saved(tmp_path)
     edit_weights(folder, "fc1.lora_A.weight", value)
-    model = net()
-    before = state(model)
-    with pytest.raises(ValueError, match=rf"{WEIGHTS_NAME}: tensor 'fc1.lora_A.weight' {pattern}"):
-        load_adapter(model, folder)
-    assert_unchanged(model, before)
+    assert_load_refused(folder, rf"{WEIGHTS_NAME}: tensor 'fc1.lora_A.weight' {pattern}")
 
 
 def test_bad_bottleneck_and_prompt_tensors_are_refused(tmp_path):
@@ -553,11 +550,7 @@ def test_int_tensor_for_a_float_modules_to_save_parameter_is_refused(tmp_path):
     folder = tmp_path / "a"
     save_adapter(adapted(modules_to_save=["fc2"]), folder)
     edit_weights(folder, "fc2.bias", torch.ones(6, dtype=torch.int32))
-    model = net()
-    before = state(model)
-    with pytest.raises(ValueError, match=r"wrong dtypes \['fc2.bias: file torch.int32 vs model torch.float32'\]"):
-        load_adapter(model, folder)
-    assert_unchanged(model, before)
+    assert_load_refused(folder, r"wrong dtypes \['fc2.bias: file torch.int32 vs model torch.float32'\]")
 
 
 # ----- 7. validate before change: a failed load leaves the model exactly as it was -----
