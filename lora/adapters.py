@@ -23,17 +23,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .config import check_adapter_name, compile_regex
+from .config import check_adapter_name, check_positive_int, compile_regex
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 BOTTLENECK_ATTR = "bottleneck_configs"  # model attribute: {adapter_name: AdapterConfig}
 HOOKS_ATTR = "_bottleneck_hooks"  # model attribute: {module path: hook handle}
-
-
-def _check_positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class Adapter(nn.Module):
@@ -51,8 +45,8 @@ class Adapter(nn.Module):
     def __init__(self, d_model: int, bottleneck: int, activation: str = "gelu", dropout: float = 0.0,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
-        _check_positive("d_model", d_model)
-        _check_positive("bottleneck", bottleneck)
+        check_positive_int(d_model, "d_model")
+        check_positive_int(bottleneck, "bottleneck")
         if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:

@@ -40,10 +40,14 @@ def check_adapter_name(adapter_name, name: str = "adapter_name") -> str:
     return adapter_name
 
 
+def check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
 def check_rank(r, name: str = "r") -> int:
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"{name} must be a positive int, got {r!r}")
-    return r
+    return check_positive_int(r, name)
 
 
 def check_alpha(alpha, name: str = "alpha") -> float:

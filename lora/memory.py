@@ -34,6 +34,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .config import check_flag, check_positive_int
+
 METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "sgd")
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -50,24 +52,12 @@ def _dtype(x, name: str = "weight_dtype") -> torch.dtype:
     raise ValueError(f"{name} must be a torch dtype (floating point) or one of {sorted(_DTYPES)}, got {x!r}")
 
 
-def _positive_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
-    return v
-
-
-def _check_bool(name: str, v) -> bool:
-    if not isinstance(v, bool):
-        raise TypeError(f"{name} must be a bool, got {v!r}")
-    return v
-
-
 def _check_quant_args(blocksize, double_quant) -> None:
     from quant import VALID_BLOCKSIZES
 
     if isinstance(blocksize, bool) or blocksize not in VALID_BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {VALID_BLOCKSIZES} (bitsandbytes' block sizes), got {blocksize!r}")
-    _check_bool("double_quant", double_quant)
+    check_flag("double_quant", double_quant)
 
 
 def _check_dropout(dropout) -> float:
@@ -93,7 +83,7 @@ class ModelSpec:
     def __post_init__(self):
         for f in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
                   "intermediate_size", "vocab_size"):
-            _positive_int(f, getattr(self, f))
+            check_positive_int(getattr(self, f), f)
         if not isinstance(self.tie_word_embeddings, bool):
             raise TypeError(f"tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}")
         if not isinstance(self.name, str):
@@ -182,7 +172,7 @@ def nf4_storage_bytes(numel: int, blocksize: int = 64, double_quant: bool = True
     plus one fp32 per 256 blocks and the fp32 mean (QLoRA sec. 3: 8/64 + 32/(64*256)
     = 0.127 bits). The code books are shared by all weights: `code_book_bytes`, once.
     """
-    _positive_int("numel", numel)
+    check_positive_int(numel, "numel")
     _check_quant_args(blocksize, double_quant)
     nblocks = math.ceil(numel / blocksize)
     n = (numel + 1) // 2
@@ -194,7 +184,7 @@ def nf4_storage_bytes(numel: int, blocksize: int = 64, double_quant: bool = True
 def code_book_bytes(double_quant: bool = True) -> int:
     """The float32 code books a quantized model holds once, whatever its size: the 16 NF4
     levels, and with double quantization the 256-entry dynamic 8-bit map."""
-    _check_bool("double_quant", double_quant)
+    check_flag("double_quant", double_quant)
     return 16 * 4 + (256 * 4 if double_quant else 0)
 
 
@@ -208,7 +198,7 @@ def _check_args(method, optimizer, r, batch_size, seq_len):
     if not isinstance(optimizer, str) or optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     for name, v in (("r", r), ("batch_size", batch_size), ("seq_len", seq_len)):
-        _positive_int(name, v)
+        check_positive_int(v, name)
 
 
 def _spec_targets(spec: "ModelSpec", target_modules) -> tuple[str, ...]:
@@ -293,7 +283,7 @@ def activation_bytes(spec: ModelSpec, method: str, batch_size: int, seq_len: int
     if isinstance(targets, str) or not all(isinstance(n, str) and n in LLAMA_LINEARS for n in targets):
         raise ValueError(f"targets must be a tuple of names from {LLAMA_LINEARS}, got {targets!r}")
     dropout = _check_dropout(dropout)
-    _check_bool("grad_checkpointing", grad_checkpointing)
+    check_flag("grad_checkpointing", grad_checkpointing)
     a, d, f, nh = _size(act_dtype), spec.hidden_size, spec.intermediate_size, spec.num_heads
     kv = spec.num_kv_heads * spec.head_dim
     full = method == "full"
@@ -454,7 +444,7 @@ def estimate(model_or_config, method: str = "lora", r: int = 8,
     if act_dtype is not None:
         act_dtype = _dtype(act_dtype, "act_dtype")
     dropout = _check_dropout(dropout)
-    _check_bool("grad_checkpointing", grad_checkpointing)
+    check_flag("grad_checkpointing", grad_checkpointing)
     _check_quant_args(blocksize, double_quant)
     _check_mixed_precision(mixed_precision, method, weight_dtype, act_dtype, grad_checkpointing)
     spec, model = _spec_or_model(model_or_config)
@@ -488,7 +478,7 @@ def estimate(model_or_config, method: str = "lora", r: int = 8,
 
 def _check_mixed_precision(mixed_precision, method, weight_dtype, act_dtype, grad_checkpointing) -> None:
     """Mixed precision as estimated here is one setup; other combinations are errors."""
-    _check_bool("mixed_precision", mixed_precision)
+    check_flag("mixed_precision", mixed_precision)
     if not mixed_precision:
         return
     if method != "full":
