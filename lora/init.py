@@ -9,7 +9,8 @@ B `(out, r)` and
 
     W ~ base + scaling * B @ A        (scaling = 1 unless given)
 
-`base` is the new frozen weight (for LoftQ a `(packed, QuantState)` 4-bit pair). A layer
+`base` is the new frozen weight (for LoftQ and QPiSSA a `(packed, QuantState)` pair of the
+4-bit format, holding NF4, NF3 or NF2 levels). A layer
 passes its own `scaling` (alpha / r), and the factors are divided by it as PEFT does
 (PiSSA, LoftQ: `S / scaling` split as two square roots; OLoRA: PEFT keeps `Q_r, R_r` and
 subtracts `scaling * Q_r R_r` from the base). The factors are rounded to `dtype` *before*
@@ -30,7 +31,7 @@ from quant import QuantState, dequantize_4bit, quantize_4bit
 
 REWRITING_INITS = ("pissa", "olora", "loftq")  # inits that change the frozen base (PEFT's names)
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # PEFT's "pissa_niter_K": randomized SVD with K power iterations
-LOFTQ_BITS_STORED = (4,)  # bits with a real storage format here (NF4)
+LOFTQ_QUANT_TYPES = {4: "nf4", 3: "nf3", 2: "nf2"}  # LoftQ's bits -> NormalFloat base (3 and 2 bits stored in 4)
 RSVD_OVERSAMPLE = 10  # Halko et al. 2011 sec. 4.2: p = 5..10 extra columns make the range finder reliable
 
 
@@ -80,19 +81,19 @@ def _check_scaling(scaling) -> float:
 
 
 def check_loftq_bits(bits, name: str = "bits") -> int:
-    """2..8 is the range LoftQ is defined for (Li et al. 2023, sec. 4: 2, 4 and 8 bits); only NF4 is stored here."""
+    """2..8 is the range LoftQ is defined for (Li et al. 2023, sec. 4: 2, 4 and 8 bits); 2, 3, 4 are built here."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"{name} must be an int from 2 to 8, got {bits!r}")
     return bits
 
 
 def check_loftq_bits_supported(bits, name: str = "bits") -> int:
+    """bits with a base format here: 4 (NF4), 3 (NF3), 2 (NF2); NF3 and NF2 are stored in 4 bits."""
     check_loftq_bits(bits, name)
-    if bits in (2, 3):
-        raise ValueError(f"{name}={bits}: NF3/NF2 bases are not supported yet; only {name}=4 (NF4) is")
-    if bits not in LOFTQ_BITS_STORED:
-        raise ValueError(f"{name}={bits}: there is no {bits}-bit storage format here (PEFT only simulates 8 bits "
-                         f"with a dense weight); use {name}=4 (NF4)")
+    if bits not in LOFTQ_QUANT_TYPES:
+        raise ValueError(f"{name}={bits}: there is no {bits}-bit base format here (PEFT only simulates 8 bits "
+                         f"with a dense weight); allowed: {name} in {sorted(LOFTQ_QUANT_TYPES)} "
+                         f"(NF2, NF3, NF4)")
     return bits
 
 
@@ -109,9 +110,37 @@ def _work_dtype(W: torch.Tensor) -> torch.dtype:
 # ----- the factorizations -----
 
 def top_r_svd(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The r largest singular triplets `U_r (out, r), S_r (r,), Vh_r (r, in)` (exact SVD)."""
+    """The r largest singular triplets `U_r (out, r), S_r (r,), Vh_r (r, in)` (exact SVD).
+
+    A wide M is factored as its transpose: the same decomposition, but LAPACK's SVD of a
+    (576, 1536) matrix took 3.7x as long as that of its (1536, 576) transpose here."""
+    if M.shape[0] < M.shape[1]:
+        U, S, Vh = torch.linalg.svd(M.T, full_matrices=False)  # M^T = U S Vh  =>  M = Vh^T S U^T
+        return Vh[:r].T, S[:r], U[:, :r].T
     U, S, Vh = torch.linalg.svd(M, full_matrices=False)
     return U[:, :r], S[:r], Vh[:r]
+
+
+# Below this ratio s_r / s_1 the Gram matrix's rounding (u * s_1^2) reaches s_r^2: use the SVD.
+GRAM_MIN_RATIO = {torch.float32: 1e-2, torch.float64: 1e-6}
+
+
+def top_r_svd_gram(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same triplets as `top_r_svd` from the eigenvectors of the small Gram matrix
+    `X^T X` (X = M or M^T, whichever is tall): for `(m, n)` with m >= n, one m n^2 matmul and
+    an n x n symmetric eigensolver, 2-5x faster than the SVD on these CPUs. Squaring the
+    matrix costs accuracy only for singular values far below s_1 (relative error about
+    u (s_1 / s_i)^2), so when `s_r / s_1 < GRAM_MIN_RATIO` it returns the exact SVD instead.
+    LoftQ's residuals (quantization noise: flat spectra) are always well inside the bound."""
+    tall = M.shape[0] >= M.shape[1]
+    X = M if tall else M.T  # (m, n), m >= n
+    evals, V = torch.linalg.eigh(X.T @ X)  # ascending; (n,), (n, n)
+    S = evals[-r:].flip(0).clamp(min=0).sqrt()  # (r,) descending
+    if not bool(S[-1] > GRAM_MIN_RATIO.get(M.dtype, 1e-2) * S[0]):
+        return top_r_svd(M, r)
+    V = V[:, -r:].flip(1)  # (n, r)
+    U = (X @ V) / S  # (m, r): X v_i = s_i u_i
+    return (U, S, V.T) if tall else (V, S, U.T)
 
 
 def randomized_svd(M: torch.Tensor, r: int, niter: int,
@@ -188,10 +217,11 @@ def loftq_iterates(W: torch.Tensor, bits: int = 4, r: int = 16, iters: int = 1, 
     """Each step of LoftQ (Li et al. 2023, sec. 3, Algorithm 1), for study: starting from
     A = B = 0, step t yields
 
-        Q_t = q_N(W - s * B_{t-1} A_{t-1})          (eq. 5, NF4 blockwise, as QLoRA)
+        Q_t = q_N(W - s * B_{t-1} A_{t-1})          (eq. 5, NF`bits` blockwise, as QLoRA)
         B_t, A_t = SVD_r(W - dequant(Q_t))          (eq. 6, split as two square roots)
 
-    as `InitResult((packed, state), A_t, B_t)`. Only 4 bits (NF4) are stored here."""
+    as `InitResult((packed, state), A_t, B_t)`. `bits` 4, 3 or 2: NF4, NF3 or NF2 levels
+    (`quant.normal_float_code(bits)`), each stored in the 4-bit format."""
     _check_weight(W)
     check_loftq_bits_supported(bits)
     check_init_rank(r, W.shape)
@@ -202,20 +232,36 @@ def loftq_iterates(W: torch.Tensor, bits: int = 4, r: int = 16, iters: int = 1, 
     target = M.to(torch.float32)  # the 4-bit quantizer takes float32 (out, in)
     residual = target
     for _ in range(iters):
-        packed, state = quantize_4bit(residual.contiguous(), "nf4", blocksize, double_quant)
+        packed, state = quantize_4bit(residual.contiguous(), LOFTQ_QUANT_TYPES[bits], blocksize, double_quant)
         error = M - dequantize_4bit(packed, state, dtype=torch.float32).to(work)  # (out, in)
-        A, B = _split_sqrt(*top_r_svd(error, r), scaling, dtype or work)
+        A, B = _split_sqrt(*top_r_svd_gram(error, r), scaling, dtype or work)
         yield InitResult((packed, state), A, B)
         residual = _residual(M, A, B, scaling).to(torch.float32)
 
 
 def loftq(W: torch.Tensor, bits: int = 4, r: int = 16, iters: int = 1, **kwargs) -> InitResult:
-    """LoftQ (Li et al. 2023, Algorithm 1) after `iters` alternating steps: the 4-bit base Q
+    """LoftQ (Li et al. 2023, Algorithm 1) after `iters` alternating steps: the NF`bits` base Q
     and the factors with `W ~ dequant(Q) + scaling * B @ A`; keyword arguments as `loftq_iterates`."""
     result = None
     for result in loftq_iterates(W, bits, r, iters, **kwargs):  # noqa: B007  (only the last step is kept)
         pass
     return result
+
+
+def qpissa(W: torch.Tensor, bits: int = 4, r: int = 16, niter: int | None = None, *, scaling: float = 1.0,
+           dtype: torch.dtype | None = None, blocksize: int = 64, double_quant: bool = True,
+           generator: torch.Generator | None = None) -> InitResult:
+    """QPiSSA (Meng et al. 2024, sec. 4): PiSSA's factors from the full-precision W, and the
+    residual `W - s * B @ A` quantized as the frozen base (NF`bits`, stored in 4 bits).
+
+    The principal part is left out of the quantized matrix, so the base has a smaller range
+    to cover than W itself: compare LoftQ, which starts from `quant(W)` instead. Equals the
+    first half-step of LoftQ started from the SVD side. Returns `InitResult((packed, state), A, B)`."""
+    check_loftq_bits_supported(bits)
+    residual, A, B = pissa(W, r, niter, scaling=scaling, dtype=dtype, generator=generator)
+    base = quantize_4bit(residual.to(torch.float32).contiguous(), LOFTQ_QUANT_TYPES[bits], blocksize,
+                         double_quant)
+    return InitResult(base, A, B)
 
 
 def loftq_error(W: torch.Tensor, result: InitResult, scaling: float = 1.0) -> float:
@@ -224,3 +270,66 @@ def loftq_error(W: torch.Tensor, result: InitResult, scaling: float = 1.0) -> fl
     approx = dequantize_4bit(packed, state, dtype=torch.float32).double() \
         + scaling * (result.B.double() @ result.A.double())
     return float(torch.linalg.matrix_norm(W.double() - approx))
+
+
+def loftq_on_quantized(W: torch.Tensor, base: tuple[torch.Tensor, QuantState], r: int = 16, *,
+                       scaling: float = 1.0, dtype: torch.dtype | None = None) -> InitResult:
+    """LoftQ's SVD half-step (Li et al. 2023, eq. 6) for a base that is already quantized:
+    `B, A = SVD_r(W - dequant(Q))` with Q kept as it is. This is what PEFT's
+    `replace_lora_weights_loftq` does for a bitsandbytes model (one step: Q cannot change
+    without re-quantizing the model). `W` is the full-precision weight Q was made from.
+    Returns `InitResult(base, A, B)`; with Q = quant(W) it equals `loftq(W, iters=1)`."""
+    _check_weight(W)
+    packed, state = base
+    if tuple(state.shape) != tuple(W.shape):
+        raise ValueError(f"W has shape {tuple(W.shape)} but the quantized base holds {tuple(state.shape)}")
+    check_init_rank(r, W.shape)
+    scaling = _check_scaling(scaling)
+    work = _work_dtype(W)
+    M = W.detach().to(work)
+    error = M - dequantize_4bit(packed, state, dtype=torch.float32).to(work)  # (out, in)
+    A, B = _split_sqrt(*top_r_svd_gram(error, r), scaling, dtype or work)
+    return InitResult(base, A, B)
+
+
+@torch.no_grad()
+def init_loftq_on_quantized(model: torch.nn.Module, weights: dict[str, torch.Tensor],
+                            adapter_name: str = "default") -> list[str]:
+    """Start the adapters of an already-quantized model (QLoRALinear layers, e.g. from
+    `quantize_model` + `apply_lora`) with `loftq_on_quantized`, given the original weights.
+
+    Args:
+        model: holds `QLoRALinear` modules with adapter `adapter_name`, unmerged.
+        weights: module name -> full-precision weight `(out, in)` (e.g. read from the
+            model's safetensors file), for every QLoRALinear of the model that has the adapter.
+    Returns the names of the layers changed. Every check runs before any layer changes."""
+    from .qlora import QLoRALinear  # lazily: lora.qlora imports this module
+
+    if not isinstance(weights, dict):
+        raise TypeError(f"weights must be a dict of module name -> tensor, got {type(weights).__name__}")
+    layers = {n: m for n, m in model.named_modules()
+              if isinstance(m, QLoRALinear) and adapter_name in m.lora_A}
+    if not layers:
+        raise ValueError(f"the model has no QLoRALinear with adapter {adapter_name!r}; quantize it and "
+                         "apply_lora first (or use init='loftq' on the dense model)")
+    missing = sorted(set(layers) - set(weights))
+    if missing:
+        raise ValueError(f"weights has no full-precision weight for {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}: LoftQ needs W for every quantized layer")
+    for name, layer in layers.items():
+        shape = (layer.out_features, layer.in_features)
+        W = weights[name]
+        if not isinstance(W, torch.Tensor) or tuple(W.shape) != shape:
+            got = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+            raise ValueError(f"weights[{name!r}] must be a tensor of shape {shape}, got {got}")
+        _check_weight(W)
+        if adapter_name in layer.merged_adapters:
+            raise ValueError(f"{name}: adapter {adapter_name!r} is merged; unmerge it first")
+    for name, layer in layers.items():
+        A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+        base = layer.base_layer
+        res = loftq_on_quantized(weights[name].to(base.weight_packed.device), (base.weight_packed, base.quant_state),
+                                 A.shape[0], scaling=layer.scaling[adapter_name], dtype=A.dtype)
+        A.copy_(res.A)
+        B.copy_(res.B)
+    return list(layers)

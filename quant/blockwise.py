@@ -1,4 +1,5 @@
-"""Blockwise absmax quantization: 4-bit weights (NF4/FP4/INT4) and 8-bit double quantization.
+"""Blockwise absmax quantization: 4-bit weights (NF4/FP4/INT4, and NF3/NF2/INT3/INT2 in the
+4-bit layout) and 8-bit double quantization.
 
 The arithmetic follows bitsandbytes' CPU path step by step (same float32 operations in
 the same order), so packed bytes and absmax values agree bit for bit:
@@ -250,7 +251,10 @@ def quantize_4bit(w: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
     Args:
         w: float32, float16 or bfloat16 tensor of any shape; finite.
         quant_type: "nf4" (NormalFloat), "fp4" (bitsandbytes' E2M1) or "int4"
-            (symmetric +-7; this library only, for comparison).
+            (symmetric +-7; this library only, for comparison); or, this library only,
+            "nf3" / "nf2" (`normal_float_code(3)` / `(2)`: 8 / 4 levels) and "int3" / "int2"
+            (+-3 / +-1: 7 / 3 levels). Those search only their own levels and are stored in
+            the same 4-bit layout (the levels fill the first entries of the 16-entry code).
         blocksize: elements per absmax block, a power of two from 32 to 4096.
         double_quant: also quantize the absmax values to 8 bits in blocks of 256,
             after subtracting their mean (QLoRA sec. 3): 0.5 -> ~0.127 bits per parameter.

@@ -125,11 +125,59 @@ def dynamic_map_8bit() -> torch.Tensor:
     return _dynamic_map_8bit().clone()
 
 
-CODE_BOOKS = {"nf4": nf4_code, "fp4": fp4_code, "int4": int4_code}
+def int_code(bits: int) -> torch.Tensor:
+    """Symmetric `bits`-bit integers +-(2^(bits-1) - 1) divided by their largest, sorted
+    (for comparison with NormalFloat): 7 levels for 3 bits, 3 (-1, 0, 1) for 2 bits.
+    One code of the 2^bits stays unused, as in `int4_code`."""
+    top = 2 ** (bits - 1) - 1
+    return torch.arange(-top, top + 1, dtype=torch.float32) / top
+
+
+# Fewer-bit types: their levels go first in the 16-entry table of the 4-bit format and the
+# rest is zero padding that no quantizer produces. Storage stays 4 bits per weight (two
+# codes per byte), so every storage figure of such a weight is that of a 4-bit one.
+LOW_BIT_LEVELS = {"nf3": lambda: normal_float_code(3), "nf2": lambda: normal_float_code(2),
+                  "int3": lambda: int_code(3), "int2": lambda: int_code(2)}
+LOW_BIT_BITS = {"nf3": 3, "nf2": 2, "int3": 3, "int2": 2}
+LOW_BIT_COUNT = {"nf3": 8, "nf2": 4, "int3": 7, "int2": 3}  # len(code_levels(t)), without building it
+STORAGE_BITS = 4  # bits each code occupies in memory and in files, whatever the type
+
+
+def code_levels(quant_type: str) -> torch.Tensor:
+    """The levels a quantizer may choose for `quant_type`: the 16 entries of a 4-bit type
+    (FP4 and INT4 hold duplicate zeros), or the 8 / 7 / 4 / 3 sorted levels of
+    "nf3" / "int3" / "nf2" / "int2" (the entries of `get_code` before its padding)."""
+    if quant_type in LOW_BIT_LEVELS:
+        return LOW_BIT_LEVELS[quant_type]()
+    return get_code(quant_type)
+
+
+def num_levels(quant_type: str) -> int:
+    """Number of codes a weight of `quant_type` may hold (16 for the 4-bit types)."""
+    return code_levels(quant_type).numel()
+
+
+def code_bits(quant_type: str) -> int:
+    """Bits of information per weight of `quant_type` (2, 3 or 4); storage is always
+    `STORAGE_BITS` = 4 (the low-bit types are padded into the 4-bit format)."""
+    if quant_type not in CODE_BOOKS:
+        raise ValueError(f"quant_type must be one of {sorted(CODE_BOOKS)}, got {quant_type!r}")
+    return LOW_BIT_BITS.get(quant_type, 4)
+
+
+def _padded(quant_type: str) -> torch.Tensor:
+    levels = LOW_BIT_LEVELS[quant_type]()
+    return torch.cat([levels, levels.new_zeros(16 - levels.numel())])  # (16,)
+
+
+CODE_BOOKS = {"nf4": nf4_code, "fp4": fp4_code, "int4": int4_code,
+              **{name: functools.partial(_padded, name) for name in LOW_BIT_LEVELS}}
 
 
 def get_code(quant_type: str) -> torch.Tensor:
-    """The 16-entry code book of `quant_type` ("nf4", "fp4" or "int4")."""
+    """The 16-entry code book of `quant_type`: "nf4", "fp4", "int4", or a fewer-bit type
+    "nf3", "nf2", "int3", "int2" whose levels (`code_levels`) fill the first entries and
+    zeros the rest."""
     if quant_type not in CODE_BOOKS:
         raise ValueError(f"quant_type must be one of {sorted(CODE_BOOKS)}, got {quant_type!r}")
     return CODE_BOOKS[quant_type]()
@@ -140,7 +188,7 @@ _SHARED: dict[tuple[str, str], torch.Tensor] = {}
 
 def shared_code(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """One float32 code book per (`quant_type`, device), shared by every quantized weight on
-    that device: "nf4", "fp4", "int4" (16 levels) or "dynamic8" (the 256-entry nested map
+    that device: a type of `CODE_BOOKS` (16 entries) or "dynamic8" (the 256-entry nested map
     of double quantization). Layers hold this same tensor, so a model pays for each code
     book once, as with bitsandbytes. Read-only by contract: never modify it in place.
     """

@@ -1,6 +1,6 @@
 """Nearest 4-bit level of each scaled value, exactly as `torch.bucketize` finds it, but faster.
 
-Reference: with `bounds` the 15 midpoints between consecutive sorted levels, the sorted
+Reference: with `bounds` the 15 midpoints (L - 1 for a type of L < 16 levels) between consecutive sorted levels, the sorted
 index of x is the number of bounds strictly below x (`torch.bucketize(x, bounds)`), so a
 value exactly on a midpoint goes to the lower level. bitsandbytes' CPU quantizer does
 exactly this.
@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from .codes import get_code
+from .codes import code_levels
 
 GRID_HALF = 1024  # bins per unit: bin width 1/1024 < 0.0026, FP4's smallest gap between bounds
 _MARGIN = 1e-6  # in scaled units: covers float32 rounding of x * (1/absmax) and of the bin index
@@ -27,11 +27,12 @@ _MARGIN = 1e-6  # in scaled units: covers float32 rounding of x * (1/absmax) and
 
 @functools.lru_cache(maxsize=8)
 def sorted_bounds(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(bounds, order)`: midpoints between consecutive sorted levels (15,) and the 4-bit code
-    of each sorted level (16,) uint8 (identity for NF4; +0 sorts before -0 in FP4, as bitsandbytes)."""
-    code = get_code(quant_type)
+    """`(bounds, order)`: midpoints between consecutive sorted levels (L - 1,) and the 4-bit code
+    of each sorted level (L,) uint8 (identity for NF4; +0 sorts before -0 in FP4, as bitsandbytes).
+    L = 16, or fewer for "nf3"/"nf2"/"int3"/"int2": only their real levels, never the padding."""
+    code = code_levels(quant_type)
     order = torch.argsort(code, stable=True)
-    bounds = (code[order[:-1]] + code[order[1:]]) / 2  # (15,) float32
+    bounds = (code[order[:-1]] + code[order[1:]]) / 2  # (L - 1,) float32
     return bounds, order.to(torch.uint8)
 
 
@@ -54,15 +55,15 @@ def _grid_tables(quant_type: str) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     hi = (j + 1) / GRID_HALF - 1 + _MARGIN
     b = bounds.double()
     below = (b[None, :] < lo[:, None]).sum(dim=1)  # (nbins,) bounds entirely below the bin
-    inside = (b[None, :] >= lo[:, None]) & (b[None, :] <= hi[:, None])  # (nbins, 15)
+    inside = (b[None, :] >= lo[:, None]) & (b[None, :] <= hi[:, None])  # (nbins, L - 1)
     if int(inside.sum(dim=1).max()) > 1:
         raise AssertionError(f"grid too coarse for {quant_type}: a bin holds two bounds")
     threshold = torch.full((nbins,), float("inf"), dtype=torch.float32)
     rows, cols = inside.nonzero(as_tuple=True)
     threshold[rows] = bounds[cols]
     code_below = order[below]
-    code_above = order[(below + inside.sum(dim=1)).clamp(max=15)]
-    sorted_codes = torch.equal(order, torch.arange(16, dtype=torch.uint8))
+    code_above = order[(below + inside.sum(dim=1)).clamp(max=order.numel() - 1)]
+    sorted_codes = torch.equal(order, torch.arange(order.numel(), dtype=torch.uint8))
     return code_below, code_above, threshold, sorted_codes
 
 

@@ -14,6 +14,10 @@ row-major order:
   and the real absmax of block `b` is
   `nested_code[absmax[b]] * nested_absmax[b // nested_blocksize] + offset`.
 - `code`: the 16 levels (`float32`, in [-1, 1]); weight element = `code[q] * absmax[block]`.
+  The fewer-level types "nf3", "nf2", "int3", "int2" (8, 4, 7, 3 levels) use the same
+  layout: their levels fill the first entries, zeros the rest, and their codes stay
+  below the level count (`validate` checks both). They are stored in 4 bits per weight
+  (`storage_bits`), like NF4; only `code_bits` says how much information a code carries.
 
 `QuantState.to_dict()` flattens a state into a dict of tensors only (safetensors can
 store it) and `QuantState.from_dict()` reads it back.
@@ -30,9 +34,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .codes import LOW_BIT_BITS, LOW_BIT_COUNT, STORAGE_BITS
+
 # bitsandbytes accepts these block sizes for 4-bit quantization (powers of two, 32..4096).
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-QUANT_TYPES = ("nf4", "fp4", "int4")
+QUANT_TYPES = ("nf4", "fp4", "int4", "nf3", "nf2", "int3", "int2")  # the last four: fewer levels, stored in 4 bits
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Upper bound of the nested blocksize (real ones are 256): keeps it, and every length
 # computed from it, far inside the C loop's int64 (ctypes would silently truncate a
@@ -48,8 +54,8 @@ class QuantState:
     shape: torch.Size  # shape of the original tensor
     dtype: torch.dtype  # dtype of the original tensor (and default output dtype)
     blocksize: int  # elements per absmax block: a power of two in [32, 4096]
-    quant_type: str  # "nf4" or "fp4" (bitsandbytes' types); "int4" is this library's comparison type
-    code: torch.Tensor  # (16,) float32 levels in [-1, 1], index = 4-bit code
+    quant_type: str  # "nf4" or "fp4" (bitsandbytes' types); "int4", and "nf3", "nf2", "int3", "int2" (fewer levels, 4-bit storage) are this library's
+    code: torch.Tensor  # (16,) float32 levels in [-1, 1], index = 4-bit code (fewer-level types: levels, then zeros)
     # Double quantization (QLoRA sec. 3); all None when it is off.
     offset: torch.Tensor | None = None  # () float32: mean of the absmax values, subtracted before 8-bit quantization
     nested_absmax: torch.Tensor | None = None  # (ceil(nblocks / nested_blocksize),) float32
@@ -67,6 +73,17 @@ class QuantState:
         for s in self.shape:
             n *= int(s)
         return n
+
+    @property
+    def code_bits(self) -> int:
+        """Bits of information per weight: 4, or 3 / 2 for "nf3", "int3" / "nf2", "int2"."""
+        return LOW_BIT_BITS.get(self.quant_type, 4)
+
+    @property
+    def storage_bits(self) -> int:
+        """Bits each code occupies in memory and in files: 4 for every type (two per byte);
+        the fewer-level types are padded into the 4-bit format, not packed tighter."""
+        return STORAGE_BITS
 
     @property
     def nblocks(self) -> int:
@@ -107,6 +124,8 @@ class QuantState:
         ref = ref or absmax
         _check_tensor(self.code, "state.code", (torch.float32,), 16, ref)
         _check_finite(self.code, "state.code")
+        if self.quant_type in LOW_BIT_COUNT:
+            _check_low_bit(self.code, packed, self.quant_type)
         if self.double_quant:
             nested = -(-nblocks // self.nested_blocksize)
             _check_tensor(self.nested_absmax, "state.nested_absmax", (torch.float32,), nested, ref,
@@ -247,6 +266,46 @@ def _check_finite(t: torch.Tensor, name: str) -> None:
     if len(_FINITE) > 4096:  # dead entries of freed tensors
         _FINITE.clear()
     _FINITE[id(t)] = (weakref.ref(t), _version(t))
+
+
+def _checked(t: torch.Tensor, kind: str, check) -> None:
+    """Run `check()` unless it passed before on this same unmodified tensor (cached by id and
+    version, like `_check_finite`); nothing on meta tensors or while torch.compile traces."""
+    if t.device.type == "meta" or torch.compiler.is_compiling():
+        return
+    key = (id(t), kind)
+    seen = _CHECKED.get(key)
+    if seen is not None and seen[0]() is t and seen[1] == _version(t) and seen[1] is not None:
+        return
+    check()
+    if len(_CHECKED) > 4096:
+        _CHECKED.clear()
+    _CHECKED[key] = (weakref.ref(t), _version(t))
+
+
+_CHECKED: dict[tuple[int, str], tuple[weakref.ref, int | None]] = {}
+
+
+def _check_low_bit(code: torch.Tensor, packed: torch.Tensor | None, quant_type: str) -> None:
+    """A fewer-level type ("nf3", "nf2", "int3", "int2") padded into the 4-bit format: its
+    L levels fill `code[:L]` and the padding `code[L:]` is zero, and every 4-bit code in
+    `packed` is below L. A code at or past L would dequantize to a padding value that no
+    quantizer of this type writes: a corrupted or mislabelled weight."""
+    levels = LOW_BIT_COUNT[quant_type]
+
+    def padding() -> None:
+        if bool((code[levels:] != 0).any()):
+            raise ValueError(f"state.code of quant_type={quant_type!r} must hold its {levels} levels in entries "
+                             f"0..{levels - 1} and zeros after them, got {code.tolist()}")
+
+    def codes() -> None:
+        if packed.numel() and int(torch.maximum(packed >> 4, packed & 15).max()) >= levels:
+            raise ValueError(f"packed holds 4-bit codes >= {levels}, but quant_type={quant_type!r} has only "
+                             f"{levels} levels (codes 0..{levels - 1}): the weight is corrupted or of another type")
+
+    _checked(code, "low_bit_padding", padding)
+    if packed is not None:
+        _checked(packed, f"codes_below_{levels}", codes)
 
 
 def _int_list(t: torch.Tensor, key: str, one: bool = False):

@@ -152,8 +152,8 @@ def test_loftq_matches_peft_algorithm_through_bitsandbytes():
 @pytest.mark.parametrize("call,pattern", [
     (lambda W: loftq(W, bits=9), "bits must be an int from 2 to 8"),
     (lambda W: loftq(W, bits=1), "bits must be an int from 2 to 8"),
-    (lambda W: loftq(W, bits=3), "NF3/NF2 bases are not supported yet"),
-    (lambda W: loftq(W, bits=8), "no 8-bit storage format"),
+    (lambda W: loftq(W, bits=5), r"no 5-bit base format.*allowed: bits in \[2, 3, 4\]"),
+    (lambda W: loftq(W, bits=8), r"no 8-bit base format.*allowed: bits in \[2, 3, 4\]"),
     (lambda W: loftq(W, iters=0), "iters must be an int >= 1"),
     (lambda W: pissa(W, r=17), r"r=17 is larger than min\(out, in\) = 16"),
     (lambda W: olora(W, r=0), "r must be a positive int"),
@@ -344,8 +344,8 @@ def test_pissa_on_a_quantized_model_requantizes_the_residual():
 
 @pytest.mark.parametrize("kwargs,pattern", [
     (dict(init="loftq", loftq_bits=9), "loftq_bits must be an int from 2 to 8"),
-    (dict(init="loftq", loftq_bits=3), "loftq_bits=3: NF3/NF2 bases are not supported yet"),
-    (dict(init="loftq", loftq_bits=8), "loftq_bits=8: there is no 8-bit storage"),
+    (dict(init="loftq", loftq_bits=6), r"loftq_bits=6: there is no 6-bit base format.*allowed: loftq_bits in"),
+    (dict(init="loftq", loftq_bits=8), "loftq_bits=8: there is no 8-bit base format"),
     (dict(init="kaiming", loftq_bits=0), "loftq_bits must be an int from 2 to 8"),
     (dict(init="loftq", loftq_iter=0), "loftq_iter must be an int >= 1"),
     (dict(init="pissa", dora=True), "with dora=True is not supported"),
@@ -416,3 +416,34 @@ def test_pissa_on_a_conv1d_base_keeps_its_in_out_layout():
     delta = layer.get_delta_weight("default").detach().double()  # (in, out), as the base
     torch.testing.assert_close(torch.linalg.svdvals(delta)[:4], torch.linalg.svdvals(W0.double())[:4],
                                atol=svd_tol(W0, 1e-2), rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(48, 80), (80, 48), (64, 64)])
+def test_top_r_svd_gram_matches_float64_svd(shape):
+    """Gram-matrix eigenvectors (LoftQ's fast path) against the float64 SVD: singular values to
+    u * n * (s_1 / s_i)^2 relative (squaring), and the rank-r fit leaves the Eckart-Young error
+    sqrt(sum_{i>r} s_i^2) up to n * u * ||M||; wide and tall inputs alike."""
+    from lora.init import top_r_svd, top_r_svd_gram
+
+    torch.manual_seed(3)
+    M, r = torch.randn(shape) * 0.02, 8
+    S64 = torch.linalg.svdvals(M.double())
+    n = min(shape)
+    for fn in (top_r_svd, top_r_svd_gram):
+        U, S, Vh = fn(M, r)
+        assert U.shape == (shape[0], r) and S.shape == (r,) and Vh.shape == (r, shape[1])
+        bound = n * U32 * float((S64[0] / S64[r - 1]) ** 2)
+        torch.testing.assert_close(S.double(), S64[:r], rtol=bound, atol=0.0)
+        fit = float((M.double() - (U.double() * S.double()) @ Vh.double()).norm())
+        assert abs(fit - float(S64[r:].square().sum().sqrt())) <= n * U32 * float(M.double().norm()) * 10
+
+
+def test_top_r_svd_gram_falls_back_on_rank_deficient_input():
+    """Rank 2 with r = 4: s_3 = s_4 = 0, so the Gram path would divide by zero; the exact SVD answers."""
+    from lora.init import top_r_svd_gram
+
+    torch.manual_seed(4)
+    M = torch.randn(40, 2) @ torch.randn(2, 30)
+    U, S, Vh = top_r_svd_gram(M, 4)
+    assert torch.isfinite(U).all() and torch.isfinite(Vh).all()
+    torch.testing.assert_close((U * S) @ Vh, M, rtol=0, atol=30 * U32 * float(M.abs().max()) * 10)

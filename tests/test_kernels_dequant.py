@@ -106,6 +106,6 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="power of two"):
         triton_dequantize(packed, state)
     packed, state = _quantized((8, 64))
-    state.quant_type = "nf3"
+    state.quant_type = "nf5"
     with pytest.raises(ValueError, match="quant_type must be one of"):
         triton_dequantize(packed, state)

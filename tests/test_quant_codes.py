@@ -86,7 +86,7 @@ def test_dynamic_map_8bit():
 
 def test_get_code_bad_type():
     with pytest.raises(ValueError, match="quant_type"):
-        get_code("nf3")
+        get_code("nf5")
 
 
 def test_pack_known_answer_and_order():
