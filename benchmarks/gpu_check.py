@@ -5,7 +5,8 @@
 
 Needs only the GPU image's torch, triton, pytest, matplotlib and tqdm (no install, no
 network). The tests' log goes to `<out>/gpu_tests.log`; the benchmark writes
-`kernels.csv`, `kernels.png` and `kernels_configs.json` there. The benchmark runs even when
+`kernels.csv`, `kernels.png` and `kernels_configs.json` there, then the mixed-adapter
+section (`benchmarks/multi_adapter.py --gpu`) `multi_adapter_gpu.csv`. The benchmark runs even when
 a test fails, within what is left of `--total-s` (default 420 s, under the 8-minute limit).
 Without CUDA it is a dry run: the tests skip and the benchmark runs `--smoke`.
 Exit status: 0 when the tests passed and the benchmark wrote rows, else 1.
@@ -20,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ["tests/test_kernels_cuda.py", "tests/test_memory.py"]
+TESTS = ["tests/test_kernels_cuda.py", "tests/test_memory.py", "tests/test_kernels_segmented.py"]
 
 
 def run_tests(out: Path, timeout_s: float) -> bool:
@@ -34,9 +35,11 @@ def run_tests(out: Path, timeout_s: float) -> bool:
     except subprocess.TimeoutExpired as exc:
         log = f"TIMEOUT after {timeout_s:.0f} s\n{exc.stdout or ''}{exc.stderr or ''}"
         ok = False
-    tmp = out / "gpu_tests.log.tmp"
-    tmp.write_text(log if isinstance(log, str) else log.decode(errors="replace"))
-    os.replace(tmp, out / "gpu_tests.log")
+    # (found through PYTHONPATH=., see the docstring)
+    from quant.atomic_file import atomic_write_bytes
+
+    text = log if isinstance(log, str) else log.decode(errors="replace")
+    atomic_write_bytes(out / "gpu_tests.log", text.encode())
     print("\n".join(str(log).splitlines()[-25:]))
     return ok
 
@@ -63,6 +66,13 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():  # a dry run of the whole script on a CPU machine
         args = ["--smoke", "--out", str(a.out / "smoke")]
     bench_rc = bench.main(args)
+    # the segmented LoRA kernels (mixed-adapter batches): small, after the main benchmark
+    from benchmarks import multi_adapter
+
+    multi_out = a.out if torch.cuda.is_available() else a.out / "smoke"
+    multi_rc = multi_adapter.gpu_section(multi_out, max(20.0, a.total_s - (time.time() - t0) - 30.0),
+                                         smoke=not torch.cuda.is_available())
+    bench_rc = bench_rc or multi_rc
     print(f"gpu_check: tests {'ok' if tests_ok else 'FAILED'}, benchmark rc {bench_rc}, "
           f"total {time.time() - t0:.0f} s")
     return 0 if (tests_ok and bench_rc == 0) else 1

@@ -291,12 +291,15 @@ class Llama(nn.Module):
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64,
                  eos_id: int | None = None, temperature: float = 0.0, top_k: int | None = None,
                  generator: torch.Generator | None = None,
-                 prefix_embeds: torch.Tensor | None = None) -> list[list[int]]:
+                 prefix_embeds: torch.Tensor | None = None,
+                 share_prefix: bool | None = None) -> list[list[int]]:
         """Continue a batch of prompts with a KV cache; greedy when temperature == 0.
 
         The tokens all prompts share at the start (a chat template, an instruction) are
-        run once for the whole batch; the rest are left-padded. Each row stops at
-        `eos_id` (which is included in its output) or after `max_new_tokens`.
+        run once for the whole batch (`share_prefix`; by default, unless a mixed-adapter
+        batch is running, `lora.use_adapters`, where each row's prefix goes through its own
+        adapter and so has its own keys and values); the rest are left-padded. Each row
+        stops at `eos_id` (which is included in its output) or after `max_new_tokens`.
         `prefix_embeds` (p, dim), e.g. a soft prompt, goes in front of every prompt.
 
         Returns:
@@ -308,7 +311,9 @@ class Llama(nn.Module):
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         device = self.model.embed_tokens.weight.device
         cache = KVCache(self.config.n_layers)
-        L = shared_prefix_length(prompts)
+        if share_prefix is None:
+            share_prefix = not any(getattr(m, "row_adapters", None) is not None for m in self.modules())
+        L = shared_prefix_length(prompts) if share_prefix else 0
         shared = [self.model.embed_tokens(torch.tensor([prompts[0][:L]], dtype=torch.long, device=device))]  # (1, L, dim)
         if prefix_embeds is not None:
             shared.insert(0, prefix_embeds.to(shared[0].dtype)[None])  # (1, p, dim)

@@ -12,6 +12,8 @@ not changed; `quant.force_backend(...)` / `LORALAB_BACKEND` force a path.
 - `matmul_4bit_grad_input(grad_y, packed, state)`: `grad_y @ W` (launcher).
 - `candidate_configs(kind)`, `pin_config(kind, TileConfig(...))`: the tiles the tuner tries,
   and a context manager that fixes one (tests, reproducible benchmarks).
+- `kernels.segmented`: LoRA shrink/expand over many adapters in one launch (segmented and
+  gather variants, Punica's SGMV/BGMV), used by `lora.mixed_batch` on CUDA.
 - `python -m kernels.compile_check`: compile every kernel for sm_90 without a GPU.
 - Deprecated aliases (warn): `dequantize_nf4`, `nf4_matmul`, `nf4_matmul_grad_input`, `nf4_linear`.
 

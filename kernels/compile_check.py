@@ -30,6 +30,15 @@ def _arg_types(dq: bool, act: str, out: str) -> dict[str, str]:
             "stride_xm": "i32", "stride_om": "i32", "stride_os": "i32", "stride_gm": "i32"}
 
 
+def _segmented_types(act: str, out: str) -> dict[str, str]:
+    """Argument types of the segmented LoRA kernels (kernels/segmented.py)."""
+    return {"x_ptr": f"*{act}", "a_ptr": f"*{act}", "b_ptr": f"*{act}", "h_ptr": "*fp32", "y_ptr": f"*{out}",
+            "scale_ptr": "*fp32", "order_ptr": "*i64", "seg_start_ptr": "*i32", "seg_lora_ptr": "*i32",
+            "row_lora_ptr": "*i32", "K": "i32", "N": "i32", "R": "i32", "stride_xm": "i32",
+            "stride_al": "i32", "stride_ar": "i32", "stride_hm": "i32", "stride_bl": "i32",
+            "stride_bn": "i32", "stride_ym": "i32"}
+
+
 def variants() -> list[tuple[str, str, dict, dict, int]]:
     """(name, kernel, constexprs, argument types, num_warps) of representative launches."""
     q = dict(BLOCKSIZE=64, NESTED_BLOCKSIZE=256, DOUBLE_QUANT=True)
@@ -47,6 +56,14 @@ def variants() -> list[tuple[str, str, dict, dict, int]]:
         ("gemm fp32 (ieee dot)", "gemm", dict(q, HAS_BIAS=False, DOT_FP32=True, BLOCK_M=64,
                                               BLOCK_N=64, BLOCK_K=64, GROUPS=1, GROUP_M=8),
          _arg_types(True, "fp32", "fp32"), 4),
+        ("lora shrink (segmented)", "shrink", dict(DOT_FP32=False, BLOCK_M=16, BLOCK_R=16, BLOCK_K=64),
+         _segmented_types("bf16", "bf16"), 4),
+        ("lora expand (segmented)", "expand", dict(DOT_FP32=False, BLOCK_M=16, BLOCK_N=64, BLOCK_R=16),
+         _segmented_types("bf16", "bf16"), 4),
+        ("lora shrink fp32 (ieee)", "shrink", dict(DOT_FP32=True, BLOCK_M=16, BLOCK_R=64, BLOCK_K=64),
+         _segmented_types("fp32", "fp32"), 4),
+        ("lora shrink (gather)", "shrink_gather", dict(BLOCK_R=16, BLOCK_K=128), _segmented_types("fp16", "fp16"), 4),
+        ("lora expand (gather)", "expand_gather", dict(BLOCK_N=128, BLOCK_R=16), _segmented_types("fp16", "fp16"), 4),
     ]
 
 
@@ -54,9 +71,16 @@ def _kernels() -> dict:
     from .dequant import _dequant_kernel
     from .grad import _grad_input_kernel
     from .matmul import _gemm_kernel, _gemv_kernel
+    from .segmented import (
+        _expand_gather_kernel,
+        _expand_kernel,
+        _shrink_gather_kernel,
+        _shrink_kernel,
+    )
 
     return {"dequant": _dequant_kernel, "gemv": _gemv_kernel, "gemm": _gemm_kernel,
-            "grad_input": _grad_input_kernel}
+            "grad_input": _grad_input_kernel, "shrink": _shrink_kernel, "expand": _expand_kernel,
+            "shrink_gather": _shrink_gather_kernel, "expand_gather": _expand_gather_kernel}
 
 
 def sass_counts(cubin: bytes) -> collections.Counter:
