@@ -12,10 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from methods import METHODS
-from report import MB, fmt_bytes, pct, rows_of, save_figure
-
 from benchmarks.common import write_rows
+from examples.methods import METHODS
+from examples.report import MB, fmt_bytes, pct, rows_of, save_figure
 
 COLORS = {"full": "#c44", "lora": "#48c", "qlora": "#4a4", "adapter": "#c8c", "prompt": "#c93"}  # ICL bars grey
 PASSED = ("task", "steps", "batch_size", "r", "alpha", "dropout", "n_train", "n_eval", "shots",
@@ -31,6 +30,10 @@ def worker_command(cfg, method: str, json_path: Path) -> list[str]:
             cmd += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
     if cfg.lr is not None:
         cmd += ["--lr", str(cfg.lr)]
+    if cfg.data is not None:
+        cmd += ["--data", cfg.data, "--eval-fraction", str(cfg.eval_fraction)]
+    if cfg.grad_checkpointing:
+        cmd += ["--grad-checkpointing"]
     if cfg.gguf is not None:
         cmd += ["--gguf", cfg.gguf]
     return cmd

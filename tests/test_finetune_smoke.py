@@ -1,25 +1,22 @@
 """The fine-tuning pipeline (examples/finetune.py) end to end on a tiny random GGUF model."""
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
 
-import finetune  # noqa: E402
-from gguf_loader import load_llama  # noqa: E402
-from methods import BLOCK_LINEARS, base_weight_bytes, prepare  # noqa: E402
-from task import make_splits  # noqa: E402
-from test_llama_gguf import write_tiny_gguf  # noqa: E402
-from training import TrainConfig, train  # noqa: E402
+from test_llama_gguf import write_tiny_gguf
 
-from lora import LoRALinear  # noqa: E402
-from quant import LinearNF4  # noqa: E402
+from examples import finetune
+from examples.gguf_loader import load_llama
+from examples.methods import BLOCK_LINEARS, base_weight_bytes, prepare
+from examples.task import make_splits
+from examples.training import TrainConfig, train
+from lora import LoRALinear
+from quant import LinearNF4
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +87,8 @@ def test_cli_errors_are_clear(tmp_path, tiny_gguf, capsys):
 
 
 def test_compare_table_chart_and_rows(tmp_path, capsys):
-    from compare import bar_chart, print_comparison, worker_command
-    from report import rows_of
+    from examples.compare import bar_chart, print_comparison, worker_command
+    from examples.report import rows_of
 
     def fake(method, acc, trainable, saved, rss, sps, stored):
         return {"method": method, "acc": acc, "acc_before": 0.0, "trainable_params": trainable,
@@ -113,10 +110,16 @@ def test_compare_table_chart_and_rows(tmp_path, capsys):
     assert cmd[cmd.index("--steps") + 1] == "7" and "--no-reload" in cmd and "--lr" not in cmd
     assert cmd[cmd.index("--task") + 1] == "route"
     assert "--steps" not in worker_command(finetune.FinetuneConfig(out=str(tmp_path)), "lora", tmp_path / "x")
+    plain = worker_command(finetune.FinetuneConfig(out=str(tmp_path)), "lora", tmp_path / "x")
+    assert "--grad-checkpointing" not in plain and "--data" not in plain
+    cfg = finetune.FinetuneConfig(out=str(tmp_path), grad_checkpointing=True, data="my.jsonl", eval_fraction=0.3)
+    cmd = worker_command(cfg, "qlora", tmp_path / "q.json")  # every method of a comparison alike
+    assert "--grad-checkpointing" in cmd and cmd[cmd.index("--data") + 1] == "my.jsonl"
+    assert cmd[cmd.index("--eval-fraction") + 1] == "0.3"
 
 
 def test_quantizing_while_loading_equals_quantizing_after(tiny_gguf):
-    from methods import load_model, quantize_blocks
+    from examples.methods import load_model, quantize_blocks
 
     direct, _ = load_model("qlora", tiny_gguf)
     after, _ = load_llama(tiny_gguf)
