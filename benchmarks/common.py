@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from lora.files import atomic_write
+from quant.atomic_file import atomic_write
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 COLUMNS = ["benchmark", "provider", "shape", "metric", "value", "unit",

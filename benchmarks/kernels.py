@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS_DIR, make_row, time_cpu, write_rows  # noqa: E402
-from lora.files import atomic_write  # noqa: E402
+from quant.atomic_file import atomic_write  # noqa: E402
 
 # (N, K) of Llama-3-8B/70B layers; the headline shape of the GEMV goal first, so that it is
 # measured even when the time budget runs out.

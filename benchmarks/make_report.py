@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, before benchmarks/
 
 from benchmarks.common import RESULTS_DIR, read_rows  # noqa: E402
+from lora.memory import fmt_bytes  # noqa: E402
 
 REPORT = Path(__file__).resolve().parent / "REPORT.md"
 COMMANDS = {
@@ -35,10 +36,7 @@ def _fmt(value: str, unit: str) -> str:
     except ValueError:
         return f"{value} {unit}".strip()
     if unit == "B":
-        for u in ("B", "KiB", "MiB", "GiB"):
-            if abs(v) < 1024 or u == "GiB":
-                return f"{v:.1f} {u}" if u != "B" else f"{v:.0f} B"
-            v /= 1024
+        return fmt_bytes(v, digits=1)
     if unit == "x":
         return f"{v:.2f}x"
     return f"{v:.4g} {unit}".strip()

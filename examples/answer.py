@@ -14,10 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from chat_format import chat_format
-from methods import load_model, reload_adapter
-from report import atomic_write_text
-from task import CHATML, Example, prompt
+
+from examples.chat_format import chat_format
+from examples.methods import load_model, reload_adapter
+from examples.report import atomic_write_text
+from examples.task import CHATML, Example, prompt
 
 PROMPT_FILE = "loralab_prompt.json"
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from task import CHATML, ChatFormat, Turn
+from examples.task import CHATML, ChatFormat, Turn
 
 
 def _raise(message: str):

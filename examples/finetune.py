@@ -28,15 +28,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT))
-
-import routing  # noqa: E402
-import task  # noqa: E402
-from answer import answer, write_prompt_file  # noqa: E402
-from chat_format import chat_format  # noqa: E402
-from methods import (  # noqa: E402
+from examples import routing, task
+from examples.answer import answer, write_prompt_file
+from examples.chat_format import chat_format
+from examples.methods import (
     METHODS,
     PROMPT_INIT_TEXT,
     TRAINED,
@@ -46,10 +41,10 @@ from methods import (  # noqa: E402
     reload_adapter,
     save_what_must_be_saved,
 )
-from owndata import load_jsonl, split  # noqa: E402
-from report import atomic_write_text  # noqa: E402
-from task import CHATML, ChatFormat, Example, completion, prompt  # noqa: E402
-from training import TrainConfig, evaluate_scores, peak_rss_bytes, train  # noqa: E402
+from examples.owndata import load_jsonl, split
+from examples.report import atomic_write_text
+from examples.task import CHATML, ChatFormat, Example, completion, prompt
+from examples.training import TrainConfig, evaluate_scores, peak_rss_bytes, train
 
 
 @dataclass(frozen=True)
@@ -314,7 +309,7 @@ def main(argv=None) -> int:
         return print_answer(cfg, args, Path(args.adapter))
     try:
         if args.compare:
-            from compare import compare
+            from examples.compare import compare
             return compare(cfg, args.methods)
         t0 = time.perf_counter()
         res = run(cfg)
@@ -327,7 +322,7 @@ def main(argv=None) -> int:
     if args.json:
         atomic_write_text(Path(args.json), json.dumps(res))
     else:
-        from report import report
+        from examples.report import report
         report(res, Path(cfg.out))
     if args.generate is not None:
         return print_answer(cfg, args, Path(cfg.out) / "adapter")

@@ -17,8 +17,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from llama import Llama, LlamaConfig
 from torch import nn
+
+from examples.llama import Llama, LlamaConfig
 
 # GGUF tensor name (after "blk.{i}.") -> module path inside `Llama.model.layers[i]`.
 BLOCK_TENSORS = {
@@ -137,7 +138,7 @@ def load_llama(path: str | os.PathLike | None = None, dtype: torch.dtype = torch
     Raises:
         FileNotFoundError: missing file. ValueError: not GGUF, not Llama, or tensors missing.
     """
-    from tokenizer import tokenizer_from_gguf
+    from examples.tokenizer import tokenizer_from_gguf
 
     reader = _open(default_gguf_path() if path is None else path)
     cfg = read_config(reader)

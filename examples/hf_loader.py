@@ -19,8 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from llama import Llama, LlamaConfig
 from torch import nn
+
+from examples.llama import Llama, LlamaConfig
 
 CONFIG, WEIGHTS, INDEX, TOKENIZER, TOKENIZER_CONFIG = (
     "config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
@@ -170,8 +171,9 @@ def _chat_template(value) -> str | None:
 
 def tokenizer_from_folder(folder: Path):
     """The `tokenizer.Tokenizer` of `tokenizer.json`, with ids of bos/eos/pad and the chat template."""
-    from tokenizer import Tokenizer
     from tokenizers import Tokenizer as HFTokenizer
+
+    from examples.tokenizer import Tokenizer
 
     path = folder / TOKENIZER
     if not path.is_file():

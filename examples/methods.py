@@ -77,8 +77,8 @@ def nf4_factory(compute_dtype: torch.dtype = torch.float32):
 def load_model(method: str, path=None, compute_dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of a GGUF file (default SmolLM2-135M-Instruct) or a Hugging Face
     safetensors folder, quantizing the block linears while loading for QLoRA."""
-    from gguf_loader import load_llama
-    from hf_loader import is_hf_folder, load_hf_llama
+    from examples.gguf_loader import load_llama
+    from examples.hf_loader import is_hf_folder, load_hf_llama
 
     factory = nf4_factory(compute_dtype) if method == "qlora" else None
     if path is not None and is_hf_folder(path):

@@ -21,7 +21,7 @@ import os
 import random
 from pathlib import Path
 
-from task import Example, Turn
+from examples.task import Example, Turn
 
 ROLES = ("system", "user", "assistant")
 FORMS = ({"prompt", "completion"}, {"messages"})

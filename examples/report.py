@@ -4,15 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.common import make_row, write_rows
-from lora.files import atomic_write
+from lora.memory import fmt_bytes
+from quant.atomic_file import atomic_write, atomic_write_bytes
 
 MB = 1024 ** 2
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (temp file in the same folder, then rename)."""
+    """Write a UTF-8 text file atomically (`quant.atomic_file`), creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_bytes(path, text.encode())
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -40,10 +41,6 @@ def loss_plot(losses: list[float], title: str, path: Path,
     save_figure(fig, path)
     plt.close(fig)
     return path
-
-
-def fmt_bytes(n: float) -> str:
-    return f"{n / MB:,.1f} MB" if n >= 0.1 * MB else f"{n / 1024:,.1f} KB"
 
 
 def pct(x: float | None) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import random
 
-from task import Example, check_sizes
+from examples.task import Example, check_sizes
 
 INSTRUCTION = ('Route this customer message to the team that handles it. '
                'Answer with JSON: {"topic": "<topic>", "team": "<team code>"}.')

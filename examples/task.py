@@ -22,8 +22,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from scoring import exact_match as _exact_match
-from scoring import scores
+from examples.scoring import exact_match as _exact_match
+from examples.scoring import scores
 
 INSTRUCTION = "Extract the person's name, age and city from this sentence as JSON."
 

@@ -29,7 +29,6 @@ import argparse
 import inspect
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,14 +39,11 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llama import Llama, LlamaConfig  # noqa: E402
-
-import lora.qlora  # noqa: E402,F401  (registers QLoRALinear as the LoRA wrapper of quant.LinearNF4)
-from lora import LoRAConfig, apply_lora, save_adapter, trainable_parameters  # noqa: E402
-from lora.files import atomic_write  # noqa: E402
-from quant import quantize_model  # noqa: E402
+import lora.qlora  # noqa: F401  (registers QLoRALinear as the LoRA wrapper of quant.LinearNF4)
+from examples.llama import Llama, LlamaConfig
+from lora import LoRAConfig, apply_lora, save_adapter, trainable_parameters
+from quant import quantize_model
+from quant.atomic_file import atomic_write
 
 BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("lora", "qlora")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import tempfile
 from pathlib import Path
 
@@ -18,8 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lora import (  # noqa: E402
+from lora import (
     LoRAConfig,
     apply_lora,
     load_adapter,

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from llama import upcast
-from scoring import scores
-from task import CHATML, ChatFormat, Example, completion, prompt
 from tqdm import tqdm
+
+from examples.llama import upcast
+from examples.scoring import scores
+from examples.task import CHATML, ChatFormat, Example, completion, prompt
 
 IGNORE = -100  # label of prompt and padding tokens: no loss there (train on the answer only)
 

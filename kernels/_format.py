@@ -20,7 +20,7 @@ import triton.language as tl
 
 from quant.state import QuantState
 
-ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .dispatch import ACT_DTYPES  # noqa: F401  (defined once, where no triton import is needed)
 
 
 def check_state(packed: torch.Tensor, state: QuantState) -> torch.Tensor:

@@ -26,7 +26,7 @@ from quant.backend import requested_backend
 
 from ._backend import _triton_importable
 
-ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # as in _format (which needs triton)
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # activation dtypes every kernel takes
 
 
 def supports(x: torch.Tensor, shape: list[int], blocksize: int, bias: torch.Tensor | None) -> bool:

@@ -17,17 +17,19 @@ has none) and keys `base_model.model.<path>.adapter.down.weight`, `....down.bias
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from .config import check_adapter_name, check_positive_int, compile_regex
+from quant.module_paths import name_matches
+
+from .config import check_adapter_name, check_dropout, check_positive_int, compile_regex
+from .model_state import BOTTLENECK_CONFIGS, BOTTLENECK_HOOKS, drop_state, get_state, set_state
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
-BOTTLENECK_ATTR = "bottleneck_configs"  # model attribute: {adapter_name: AdapterConfig}
-HOOKS_ATTR = "_bottleneck_hooks"  # model attribute: {module path: hook handle}
+BOTTLENECK_ATTR = BOTTLENECK_CONFIGS  # model attribute {adapter_name: AdapterConfig} (lora/model_state.py)
+HOOKS_ATTR = BOTTLENECK_HOOKS  # model attribute {module path: hook handle} (lora/model_state.py)
 
 
 class Adapter(nn.Module):
@@ -49,8 +51,7 @@ class Adapter(nn.Module):
         check_positive_int(bottleneck, "bottleneck")
         if not isinstance(activation, str) or activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        check_dropout(dropout)
         self.d_model, self.bottleneck, self.activation = d_model, bottleneck, activation
         self.down = nn.Linear(d_model, bottleneck, dtype=dtype, device=device)
         self.act = ACTIVATIONS[activation]()
@@ -70,7 +71,7 @@ class Adapter(nn.Module):
 class AdapterConfig:
     """Where bottleneck adapters go and their size."""
 
-    after: list[str] | str  # sublayers to follow: names / suffixes / regexes (list) or one regex (str)
+    after: list[str] | str  # sublayers to follow: names / dotted suffixes (list) or one full-name regex (str)
     bottleneck: int = 64  # adapter hidden size: more capacity, more parameters (Houlsby sec. 3.1: 8..256)
     activation: str = "gelu"  # nonlinearity between down and up
     dropout: float = 0.0  # dropout after the activation; regularises small-data runs
@@ -100,7 +101,8 @@ class AdapterConfig:
 
 
 def check_after(after, name: str) -> list[str] | str:
-    """A non-empty list of module names / suffixes / regexes, or one regex; every regex compiles."""
+    """A non-empty list of module names / dotted suffixes, or one regex (which must compile),
+    read by the rule of `quant.module_paths.name_matches` (PEFT's `target_modules` rule)."""
     if isinstance(after, (tuple, set)) and all(isinstance(a, str) for a in after):
         after = sorted(after)
     if isinstance(after, str):
@@ -110,29 +112,20 @@ def check_after(after, name: str) -> list[str] | str:
         return after
     if not isinstance(after, list) or not after or not all(isinstance(a, str) and a for a in after):
         raise TypeError(f"{name} must be a non-empty list of module names/patterns or a regex string, got {after!r}")
-    for i, entry in enumerate(after):
-        compile_regex(f"{name}[{i}]", entry)
     return after
-
-
-def _match_one(pattern: str, name: str) -> bool:
-    """An entry matches a module named exactly so, a suffix after a dot, or (as a regex) the whole name."""
-    if name == pattern or name.endswith("." + pattern):
-        return True
-    return re.fullmatch(pattern, name) is not None  # compiled already by check_after
 
 
 def resolve_after(model: nn.Module, after: list[str] | str) -> list[str]:
     """Qualified names of the modules `after` selects; ValueError for any entry that matches nothing."""
     names = [n for n, _ in model.named_modules() if n and not n.endswith(".adapter") and ".adapter." not in n]
-    patterns = [after] if isinstance(after, str) else list(after)
+    patterns = [after] if isinstance(after, str) else [[entry] for entry in after]  # each entry must match
     chosen: list[str] = []
     for pattern in patterns:
-        hits = [n for n in names if (re.fullmatch(pattern, n) is not None if isinstance(after, str)
-                                     else _match_one(pattern, n))]
+        hits = [n for n in names if name_matches(pattern, n)]
         if not hits:
             shown = ", ".join(names[:60]) + (" ..." if len(names) > 60 else "")
-            raise ValueError(f"after: {pattern!r} matched no module of {type(model).__name__}; "
+            shown_pattern = pattern if isinstance(pattern, str) else pattern[0]
+            raise ValueError(f"after: {shown_pattern!r} matched no module of {type(model).__name__}; "
                              f"module names: [{shown}]")
         chosen += [h for h in hits if h not in chosen]
     return [n for n in names if n in chosen]  # model order
@@ -164,7 +157,7 @@ def add_adapters(model: nn.Module, after: list[str] | str | AdapterConfig, bottl
 
     Args:
         model: any nn.Module.
-        after: module names / suffixes / regexes, one regex string, or an `AdapterConfig`
+        after: module names / dotted suffixes (a list), one full-name regex (a str), or an `AdapterConfig`
             (which then also gives bottleneck, activation and dropout).
         bottleneck, activation, dropout: as `Adapter`.
         d_model: feature size of every selected output; inferred per module when None.
@@ -178,7 +171,7 @@ def add_adapters(model: nn.Module, after: list[str] | str | AdapterConfig, bottl
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_adapter_name(adapter_name)
     config = after if isinstance(after, AdapterConfig) else AdapterConfig(after, bottleneck, activation, dropout)
-    if getattr(model, BOTTLENECK_ATTR, None):
+    if get_state(model, BOTTLENECK_CONFIGS):
         raise ValueError("model already has bottleneck adapters; remove_adapters(model) first")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
@@ -196,8 +189,8 @@ def add_adapters(model: nn.Module, after: list[str] | str | AdapterConfig, bottl
         module = model.get_submodule(name)
         module.adapter = adapter
         hooks[name] = module.register_forward_hook(_hook)
-    setattr(model, HOOKS_ATTR, hooks)
-    setattr(model, BOTTLENECK_ATTR, {adapter_name: copy.deepcopy(config)})
+    set_state(model, BOTTLENECK_HOOKS, hooks)
+    set_state(model, BOTTLENECK_CONFIGS, {adapter_name: copy.deepcopy(config)})
     return names
 
 
@@ -213,15 +206,13 @@ def _new_adapter(module: nn.Module, config: AdapterConfig, d_model: int | None,
 
 def adapter_modules(model: nn.Module) -> dict[str, Adapter]:
     """{path of the adapted sublayer: its Adapter}."""
-    return {name: model.get_submodule(name).adapter for name in getattr(model, HOOKS_ATTR, {})}
+    return {name: model.get_submodule(name).adapter for name in get_state(model, BOTTLENECK_HOOKS)}
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:
     """Take every bottleneck adapter out again (hooks and children); the model is as before."""
-    for name, handle in getattr(model, HOOKS_ATTR, {}).items():
+    for name, handle in get_state(model, BOTTLENECK_HOOKS).items():
         handle.remove()
         del model.get_submodule(name).adapter
-    for attr in (HOOKS_ATTR, BOTTLENECK_ATTR):
-        if hasattr(model, attr):
-            delattr(model, attr)
+    drop_state(model, BOTTLENECK_HOOKS, BOTTLENECK_CONFIGS)
     return model

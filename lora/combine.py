@@ -17,8 +17,9 @@ import re
 import torch
 
 from .config import check_adapter_name, check_rank
-from .inject import CONFIG_ATTR, lora_layers
+from .inject import lora_layers
 from .layer import LoRAEmbedding, LoRALayer, LoRALinear
+from .model_state import lora_configs
 
 _FACTORS = {LoRALinear: ("lora_A", "lora_B"), LoRAEmbedding: ("lora_embedding_A", "lora_embedding_B")}
 
@@ -73,7 +74,7 @@ def truncate(Bc: torch.Tensor, Ac: torch.Tensor, r: int) -> tuple[torch.Tensor, 
 def _check_weights(model, weights) -> list[str]:
     if not isinstance(weights, dict) or not weights:
         raise ValueError(f"weights must be a non-empty dict {{adapter name: weight}}, got {weights!r}")
-    known = set(getattr(model, CONFIG_ATTR, None) or {})
+    known = set(lora_configs(model))
     for _, layer in lora_layers(model):
         known |= set(layer.r)
     for key, w in weights.items():
@@ -83,6 +84,10 @@ def _check_weights(model, weights) -> list[str]:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"weights[{key!r}] must be a finite number, got {w!r}")
     return list(weights)
+
+
+# Config fields whose trained tensors are not a scaling * B @ A term of a LoRA layer.
+_NOT_LOW_RANK = ("modules_to_save", "trainable_token_indices", "target_parameters")
 
 
 def combine_adapters(model: torch.nn.Module, weights: dict[str, float], name: str = "mix",
@@ -103,18 +108,28 @@ def combine_adapters(model: torch.nn.Module, weights: dict[str, float], name: st
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     names = _check_weights(model, weights)
     check_adapter_name(name, "name")
+    configs = lora_configs(model)
+    extras = {n: [f for f in _NOT_LOW_RANK if getattr(configs[n], f, None)] for n in names if n in configs}
+    extras = {n: fields for n, fields in extras.items() if fields}
+    if extras:
+        raise ValueError(f"weights: adapters {extras} (adapter: fields) also train whole modules, embedding rows "
+                         "or raw parameters, which are not low-rank updates and have no weighted sum here; "
+                         "combine adapters without them")
     if r is not None:
         check_rank(r)
     layers = [(p, layer) for p, layer in lora_layers(model) if any(n in layer.r for n in names)]
     if not layers:
         raise ValueError(f"weights: adapters {names} are on no LoRA layer of this model; nothing to combine")
-    dora = [p for p, layer in layers if any(getattr(layer, "is_dora", lambda n: False)(n) for n in names
-                                           if n in layer.r)]
-    if dora:
-        raise ValueError(f"combine_adapters cannot combine DoRA adapters (layers {dora[:5]}): a DoRA update "
+    variants = [p for p, layer in layers if any(n in layer.lora_variant for n in names)]
+    if variants:
+        raise ValueError(f"combine_adapters cannot combine DoRA adapters (layers {variants[:5]}): a DoRA update "
                          "rescales rows of W + s B A and is not a sum of low-rank terms")
+    biased = [p for p, layer in layers if any(n in layer.r and layer.lora_bias_of(n) is not None for n in names)]
+    if biased:
+        raise ValueError(f"combine_adapters cannot combine adapters with lora_bias (layers {biased[:5]}): their "
+                         "update scaling * (B A x + b) has a bias term that a B @ A factor cannot hold")
     taken = [p for p, layer in layers if name in layer.r]
-    if taken or name in (getattr(model, CONFIG_ATTR, None) or {}):
+    if taken or name in lora_configs(model):
         raise ValueError(f"name {name!r} is already an adapter of this model; choose another name")
     for _, layer in layers:
         _factor_names(layer)  # unsupported layer types fail before anything is added
@@ -163,7 +178,7 @@ def _check_finite(path: str, factor: torch.Tensor, dtype: torch.dtype, weights: 
 
 def _register_config(model, names: list[str], name: str, r: int | None, ranks: dict[str, int]) -> None:
     """Record the new adapter's LoRAConfig (so `save_adapter` writes it): scaling 1 on every layer."""
-    configs = getattr(model, CONFIG_ATTR, None)
+    configs = lora_configs(model)
     if not configs:
         return
     source = next((configs[n] for n in names if n in configs), None)

@@ -5,6 +5,7 @@ translate to the `adapter_config.json` of Hugging Face PEFT (`lora_alpha`, `use_
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -165,9 +166,90 @@ def check_fields(values: dict, label) -> dict:
     out["alpha_pattern"] = check_patterns(label("alpha_pattern"), values["alpha_pattern"], check_alpha, "alpha")
     for name in ("target_modules", "exclude_modules", "modules_to_save"):
         out[name] = check_module_list(label(name), values[name])
-    if out["target_modules"] is None:
-        raise ValueError(f"{label('target_modules')} must be given: a list of module names, a regex, or 'all-linear'")
+    out["target_parameters"] = check_module_list(label("target_parameters"), values["target_parameters"],
+                                                 regex_ok=False)
+    out["trainable_token_indices"] = check_token_index_spec(label("trainable_token_indices"),
+                                                            values["trainable_token_indices"])
+    check_flag(label("lora_bias"), values["lora_bias"])
+    if values["lora_bias"] and (values["dora"] or values["init"] != "kaiming"):
+        raise ValueError(f"{label('lora_bias')}=True works without DoRA and with the default init only (kaiming; "
+                         f"PEFT's init_lora_weights=True), as in PEFT; got dora={values['dora']!r}, "
+                         f"init={values['init']!r}")
+    out["layers_to_transform"], out["layers_pattern"] = check_layer_selection(values, out, label)
+    if values["lora_bias"] and out["target_parameters"]:
+        raise ValueError(f"{label('lora_bias')}=True does not apply to {label('target_parameters')} (PEFT refuses it "
+                         "for parameter adapters too)")
+    if out["target_modules"] is None and not out["target_parameters"]:
+        raise ValueError(f"{label('target_modules')} must be given: a list of module names, a regex, or 'all-linear' "
+                         f"(or [] / None with {label('target_parameters')})")
     return out
+
+
+def check_layer_selection(values: dict, out: dict, label) -> tuple:
+    """PEFT's `layers_to_transform` (None, a layer index, or a list of them; [] selects every
+    layer) and `layers_pattern` (None, or the name(s) of the block list, e.g. "layers" or "h",
+    each a regex fragment). Like PEFT: only with a list of `target_modules` (not a regex or
+    "all-linear"), and a pattern needs indices. Not with `target_parameters` (PEFT does not
+    filter those by layer)."""
+    indices, patterns = values["layers_to_transform"], values["layers_pattern"]
+    name, pname = label("layers_to_transform"), label("layers_pattern")
+    if isinstance(indices, tuple):
+        indices = list(indices)
+    if indices is not None:
+        items = indices if isinstance(indices, list) else [indices]
+        bad = [i for i in items if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+        if bad or not isinstance(indices, (int, list)):
+            raise ValueError(f"{name} must be None, a layer index (int >= 0) or a list of them, got {indices!r}")
+    if isinstance(patterns, tuple):
+        patterns = list(patterns)
+    if patterns is not None:
+        items = [patterns] if isinstance(patterns, str) else patterns
+        if not isinstance(items, list) or not all(isinstance(p, str) for p in items):
+            raise TypeError(f"{pname} must be None, a str or a list of str (the block list's name, e.g. 'layers'), "
+                            f"got {patterns!r}")
+        for p in items:
+            compile_regex(pname, p, used_as=rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.")
+    using = indices is not None and indices != []
+    if patterns and indices is None:
+        raise ValueError(f"{pname}={patterns!r} needs {name} too (the indices of the blocks to adapt), as in PEFT")
+    if (using or patterns) and isinstance(out["target_modules"], str):
+        raise ValueError(f"{name} / {pname} need {label('target_modules')} as a list of module names (PEFT's rule), "
+                         f"got the str {out['target_modules']!r}; list the names, e.g. ['q_proj', 'v_proj']")
+    if using and out["target_parameters"]:
+        raise ValueError(f"{name} does not apply to {label('target_parameters')} (PEFT adapts those in every "
+                         "layer); name the parameters of the layers you want instead")
+    return indices, patterns
+
+
+def check_token_index_spec(name: str, value) -> list[int] | dict[str, list[int]] | None:
+    """PEFT's `trainable_token_indices`: None, a list of token ids (rows of the input
+    embedding), or {module name: list of token ids}. Ids are checked against the
+    embedding's size when the layer is wrapped."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        out = {}
+        for key, ids in value.items():
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"{name} keys must be module names (non-empty str), got {key!r}")
+            out[key] = _token_ids(f"{name}[{key!r}]", ids)
+        if not out:
+            raise ValueError(f"{name} must name at least one module, got an empty dict")
+        return out
+    return _token_ids(name, value)
+
+
+def _token_ids(name: str, ids) -> list[int]:
+    if isinstance(ids, (tuple, set)):
+        ids = sorted(ids) if isinstance(ids, set) else list(ids)
+    if not isinstance(ids, list):
+        raise TypeError(f"{name} must be a list of token ids (ints) or a dict of such lists, got {type(ids).__name__}")
+    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+    if bad or not ids:
+        raise ValueError(f"{name} must be a non-empty list of token ids (ints >= 0), got {bad[:8] or ids}")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{name} lists a token id twice: {sorted(i for i in set(ids) if ids.count(i) > 1)}")
+    return list(ids)
 
 
 # LoRAConfig field -> (key in PEFT's adapter_config.json, default when the key is absent)
@@ -177,13 +259,16 @@ PEFT_KEYS = {
     "bias": ("bias", "none"), "rslora": ("use_rslora", False), "init": ("init_lora_weights", True),
     "fan_in_fan_out": ("fan_in_fan_out", False), "rank_pattern": ("rank_pattern", {}),
     "alpha_pattern": ("alpha_pattern", {}), "modules_to_save": ("modules_to_save", None),
-    "dora": ("use_dora", False),
+    "dora": ("use_dora", False), "target_parameters": ("target_parameters", None),
+    "trainable_token_indices": ("trainable_token_indices", None),
+    "lora_bias": ("lora_bias", False), "layers_to_transform": ("layers_to_transform", None),
+    "layers_pattern": ("layers_pattern", None),
 }
 PEFT_JSON_NAMES = {**{name: key for name, (key, _) in PEFT_KEYS.items()},
                    "loftq_bits": "loftq_config.loftq_bits", "loftq_iter": "loftq_config.loftq_iter"}
 # PEFT features that change what the weights mean; a file using one would load wrongly, so it is refused.
-UNSUPPORTED_PEFT_KEYS = ("layers_to_transform", "layer_replication", "lora_bias", "target_parameters",
-                         "trainable_token_indices", "use_qalora", "alora_invocation_tokens")
+UNSUPPORTED_PEFT_KEYS = ("layer_replication", "use_qalora",
+                         "alora_invocation_tokens")
 
 
 def _init_from_peft(init) -> str:
@@ -225,8 +310,21 @@ class LoRAConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)  # regex -> alpha for matching modules
     modules_to_save: list[str] | None = None  # modules trained in full and saved with the adapter (e.g. a head)
     dora: bool = False  # DoRA (Liu et al. 2024): learn row magnitudes too; closer to full fine-tuning, slower step
-    loftq_bits: int = 4  # init="loftq": bits of the base (4 = NF4; 2..8 valid for LoftQ, only 4 stored here)
+    loftq_bits: int = 4  # init="loftq": bits of the base: 4, 3 or 2 (NF4, NF3, NF2; all stored in 4 bits)
     loftq_iter: int = 1  # init="loftq": alternating steps (LoftQ Algorithm 1, T); more = smaller error, slower init
+    # "module.path.param" (or a dotted suffix) of raw nn.Parameters to adapt, e.g. MoE experts held as one 3-D tensor
+    # (PEFT's target_parameters; lora/param_wrapper.py); with target_modules=[] adapts parameters only
+    target_parameters: list[str] | None = None
+    # rows of the input embedding trained in full, for new tokens (list), or {embedding name: rows}; a head tied
+    # to the embedding follows (PEFT's trainable_token_indices; lora/trainable_tokens.py)
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    # a trainable bias on lora_B: update = scaling * (B A x + b); for adapters extracted from a full fine-tune whose
+    # biases changed (PEFT's lora_bias); merging adds scaling * b to the base bias
+    lora_bias: bool = False
+    # adapt only the blocks with these indices (int or list) of the block list, found by PEFT's rule: the first
+    # "<name>.<index>." in a module's path, <name> one of layers_pattern (e.g. "layers", "h") or any name if None
+    layers_to_transform: int | list[int] | None = None
+    layers_pattern: str | list[str] | None = None
 
     def __post_init__(self):
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -243,7 +341,7 @@ class LoRAConfig:
 
     def to_peft_dict(self) -> dict:
         """The fields of PEFT's `adapter_config.json` (LoRA) that this config defines."""
-        targets = self.target_modules
+        targets = [] if self.target_modules is None else self.target_modules  # None: PEFT would pick its defaults
         return {
             "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
             "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
@@ -255,6 +353,10 @@ class LoRAConfig:
             "fan_in_fan_out": self.fan_in_fan_out,
             "rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern),
             "modules_to_save": self.modules_to_save, "use_dora": bool(self.dora), "inference_mode": True,
+            "target_parameters": self.target_parameters,
+            "trainable_token_indices": copy.deepcopy(self.trainable_token_indices),
+            "lora_bias": self.lora_bias, "layers_to_transform": copy.deepcopy(self.layers_to_transform),
+            "layers_pattern": copy.deepcopy(self.layers_pattern),
         }
 
     @classmethod
@@ -270,6 +372,7 @@ class LoRAConfig:
             value = d.get(unsupported)
             if not (value is None or value is False or value == [] or value == {}):  # 0 is layer 0: refused
                 raise ValueError(f"adapter_config.json: {unsupported}={value!r} is not supported")
+        refuse_unknown_peft_options(d, "adapter_config.json")
         values = {name: d.get(key, default) for name, (key, default) in PEFT_KEYS.items()}
         for name in ("rank_pattern", "alpha_pattern"):  # PEFT writes {}, older files null
             values[name] = {} if values[name] is None else values[name]
@@ -287,3 +390,85 @@ class LoRAConfig:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_peft(cls, config) -> "LoRAConfig":
+        """A `LoRAConfig` from PEFT's `LoraConfig` object, or a dict in PEFT's names
+        (`lora_alpha`, `lora_dropout`, `use_rslora`, `use_dora`, `init_lora_weights`,
+        `target_modules`, `modules_to_save`, `rank_pattern`, ...).
+
+        An option this library does not implement (`layer_replication`, EVA / CorDA inits,
+        QALoRA, ...) is refused with a ValueError naming it, never
+        ignored; options left at their "off" value (None, False, {}) are fine.
+        `init_lora_weights=False` (PEFT's random B, for tests) and `"eva"` (needs data)
+        start a new adapter differently from any init here, so they are refused too."""
+        return _config_from_peft(cls, config)
+
+
+# Keys of PEFT's LoraConfig that say nothing about the weights (bookkeeping), and options
+# that only act together with another one refused above (their defaults are not "off").
+PEFT_METADATA_KEYS = ("peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                      "revision", "inference_mode")
+PEFT_DEPENDENT_KEYS = ("megatron_core",  # used only with megatron_config
+                       "qalora_group_size")  # used only with use_qalora
+
+
+def _is_off(value) -> bool:
+    return value is None or value is False or value == [] or value == {} or value == ""
+
+
+def refuse_unknown_peft_options(d: dict, label: str) -> None:
+    """Any other PEFT option that is switched on changes what the adapter means (a new
+    variant, a new init): refused, naming it, rather than silently dropped."""
+    known = {key for key, _ in PEFT_KEYS.values()} | {"loftq_config"} | set(UNSUPPORTED_PEFT_KEYS)
+    known |= set(PEFT_METADATA_KEYS) | set(PEFT_DEPENDENT_KEYS)
+    unknown = sorted(k for k, v in d.items() if k not in known and not _is_off(v))
+    if unknown:
+        shown = ", ".join(f"{k}={d[k]!r}" for k in unknown)
+        raise ValueError(f"{label}: PEFT option(s) {shown} are not supported by this library")
+
+
+def _config_from_peft(cls, config) -> LoRAConfig:
+    """LoRAConfig.from_peft: PEFT's LoraConfig (anything with a `to_dict()` whose peft_type
+    is LORA) or a dict of PEFT's names, read by the same rules as adapter_config.json."""
+    if isinstance(config, cls):
+        raise TypeError("config is already a LoRAConfig; from_peft takes PEFT's LoraConfig or a dict of its names")
+    if isinstance(config, dict):
+        d = dict(config)
+    elif callable(getattr(config, "to_dict", None)) and hasattr(config, "peft_type"):
+        d = config.to_dict()
+    else:
+        raise TypeError(f"config must be a peft.LoraConfig or a dict of its fields, got {type(config).__name__}")
+    if str(getattr(d.get("peft_type"), "value", d.get("peft_type", "LORA"))) != "LORA":
+        raise ValueError(f"config: peft_type must be LORA (this converts LoRA configs), got {d.get('peft_type')!r}")
+    d["peft_type"] = "LORA"
+    for key in ("target_modules", "exclude_modules", "modules_to_save", "target_parameters"):  # PEFT keeps sets
+        if isinstance(d.get(key), (set, frozenset)):
+            d[key] = sorted(d[key])
+    init = d.get("init_lora_weights", True)
+    if init is False or init == "eva":
+        raise ValueError(f"config: init_lora_weights={init!r} is not supported for a new adapter "
+                         "(False is PEFT's random B for tests, 'eva' needs data); use True, 'gaussian', "
+                         "'pissa', 'pissa_niter_K', 'olora' or 'loftq'")
+    try:
+        return cls.from_peft_dict(d)
+    except (TypeError, ValueError) as err:
+        raise type(err)(str(err).replace("adapter_config.json:", "config:", 1)) from None
+
+
+def as_lora_config(config, name: str = "config") -> LoRAConfig:
+    """`config` itself when it is a LoRAConfig; otherwise a TypeError that tells a PEFT
+    user what to write instead (for `apply_lora(model, config)`)."""
+    if isinstance(config, LoRAConfig):
+        return config
+    kind = type(config)
+    if kind.__name__ == "LoraConfig" and kind.__module__.startswith("peft"):
+        raise TypeError(f"{name} is PEFT's LoraConfig; this library takes its own LoRAConfig: convert it with "
+                        f"LoRAConfig.from_peft({name}) (options it does not support are refused by name). "
+                        "Note that apply_lora changes the model in place and returns the names of the wrapped "
+                        "layers, not a model: write `apply_lora(model, LoRAConfig.from_peft(cfg))` and keep using "
+                        "`model`, not `model = apply_lora(model, cfg)` as with PEFT's get_peft_model")
+    if isinstance(config, dict):
+        raise TypeError(f"{name} must be a LoRAConfig, got a dict: LoRAConfig(**d) takes this library's field "
+                        "names, LoRAConfig.from_peft(d) takes PEFT's (lora_alpha, lora_dropout, ...)")
+    raise TypeError(f"{name} must be a LoRAConfig, got {kind.__name__}")

@@ -64,24 +64,6 @@ def factored_row_norm(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling
     return sq.clamp_min(0.0).sqrt()
 
 
-def check_dora_targets(model, names: list[str]) -> None:
-    """DoRA needs a dense float linear weight: raise ValueError naming the targets that are
-    embeddings or 4-bit layers (called before the model is touched)."""
-    from .layer import LoRALayer
-
-    bad = []
-    for name in names:
-        module = model.get_submodule(name)
-        base = module.base_layer if isinstance(module, LoRALayer) else module
-        weight = getattr(base, "weight", None)
-        if isinstance(base, torch.nn.Embedding) or not isinstance(weight, torch.Tensor) \
-                or not weight.is_floating_point():
-            bad.append(f"{name} ({type(base).__name__})")
-    if bad:
-        raise ValueError(f"dora=True needs linear layers with a dense float weight; these targets are not: {bad} "
-                         "(DoRA supports nn.Linear and GPT-2 Conv1D; not embeddings or 4-bit layers)")
-
-
 def dora_linear_ref(x, W, b, A, B, m, scaling):
     """DoRA eq. 5 written the obvious way, float64: `x ((m / ||V||_row) * V)^T + b` with
     `V = W + scaling * B A` (out, in) and the norm detached (DoRA sec. 4.3)."""

@@ -1,7 +1,7 @@
 """Put LoRA layers into any `nn.Module`, take them out again, and count parameters.
 
 `apply_lora` modifies the model in place (like PEFT's `inject_adapter_in_model`):
-each targeted layer is replaced by its LoRA wrapper, chosen from `LORA_LAYER_TYPES`
+each targeted layer is replaced by its LoRA wrapper, chosen by `lora/registry.py`
 (extend it with `register_lora_layer`).
 """
 from __future__ import annotations
@@ -16,52 +16,82 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from quant import Linear4bit
+from quant.module_paths import name_matches, set_submodule
+
 from .config import (
     ALL_LINEAR,
     BIAS_MODES,
     LoRAConfig,
+    as_lora_config,
     check_adapter_name,
     check_choice,
     check_flag,
     rewrites_base,
 )
-from .dora import check_dora_targets
-from .layer import LoRAEmbedding, LoRALayer, LoRALinear, _is_conv1d, adapter_name_list
+from .extra_modules import (
+    EXTRA_WRAPPERS,
+    activate_extras,
+    apply_extras,
+    check_set_adapter,
+    delete_extras_adapter,
+    disable_extras,
+    plan_extras,
+    restore_disabled,
+    set_extras_adapter,
+    unload_extras,
+)
+from .layer import LoRALayer, LoRALinear, adapter_name_list
+from .model_state import (
+    FAST_PATH_HOOKS,
+    LORA_CONFIGS,
+    drop_state,
+    get_state,
+    lora_configs,
+    set_state,
+)
+from .param_wrapper import LoRAParameter
+from .registry import (  # noqa: F401  (LORA_LAYER_TYPES, register_lora_layer: public names of lora.inject)
+    LINEAR_LIKE_TYPES,
+    LORA_LAYER_TYPES,
+    is_linear_like,
+    register_lora_layer,
+    supported_type_names,
+    wrapper_for,
+)
 
-# base layer type -> LoRA wrapper type; "linear-like" types are the ones "all-linear" picks.
-LORA_LAYER_TYPES: dict[type, type] = {nn.Linear: LoRALinear, nn.Embedding: LoRAEmbedding}
-LINEAR_LIKE_TYPES: set[type] = {nn.Linear}
-CONFIG_ATTR = "lora_configs"  # model attribute: {adapter_name: LoRAConfig} of the adapters applied
+CONFIG_ATTR = LORA_CONFIGS  # the model attribute {adapter_name: LoRAConfig} (see lora/model_state.py)
 
 
-def register_lora_layer(base_cls: type, wrapper_cls: type, linear_like: bool = True) -> None:
-    """Let `apply_lora` wrap `base_cls` layers with `wrapper_cls` (which needs a
-    `from_layer(base, r=, alpha=, dropout=, adapter_name=, rslora=, init=, fan_in_fan_out=, dtype=)`).
-    `linear_like=True` makes "all-linear" include this type."""
-    if not (isinstance(base_cls, type) and issubclass(base_cls, nn.Module)):
-        raise TypeError(f"base_cls must be an nn.Module subclass, got {base_cls!r}")
-    if not (isinstance(wrapper_cls, type) and issubclass(wrapper_cls, LoRALayer)):
-        raise TypeError(f"wrapper_cls must be a LoRALayer subclass, got {wrapper_cls!r}")
-    LORA_LAYER_TYPES[base_cls] = wrapper_cls
-    if linear_like:
-        LINEAR_LIKE_TYPES.add(base_cls)
-    else:
-        LINEAR_LIKE_TYPES.discard(base_cls)
+def check_dora_targets(model: nn.Module, names: list[str]) -> None:
+    """DoRA needs a layer type with a DoRA variant (`supports_dora`): raise ValueError naming
+    the targets that have none, e.g. 4-bit layers (called before the model is touched)."""
+    bad = []
+    for name in names:
+        module = model.get_submodule(name)
+        wrapper = type(module) if isinstance(module, LoRALayer) else wrapper_for(module)
+        base = module.base_layer if isinstance(module, LoRALayer) else module
+        if wrapper is None or not wrapper.supports_dora(base):
+            bad.append(f"{name} ({type(base).__name__})")
+    if bad:
+        raise ValueError(f"dora=True needs layers with a dense float weight; these targets are not: {bad} "
+                         "(DoRA supports nn.Linear, GPT-2 Conv1D, nn.Embedding and nn.Conv1d/2d/3d with groups=1; "
+                         "not 4-bit or attention layers)")
 
 
-def _wrapper_for(module: nn.Module) -> type | None:
-    if _is_conv1d(module):
-        return LoRALinear
-    for cls in type(module).__mro__:
-        if cls in LORA_LAYER_TYPES:
-            return LORA_LAYER_TYPES[cls]
-    return None
-
-
-def _is_linear_like(module: nn.Module) -> bool:
-    if isinstance(module, LoRALayer):
-        return _is_linear_like(module.base_layer)
-    return _is_conv1d(module) or any(cls in LINEAR_LIKE_TYPES for cls in type(module).__mro__)
+def check_lora_bias_targets(model: nn.Module, names: list[str]) -> None:
+    """lora_bias=True needs a layer type whose lora_B takes a bias (`supports_lora_bias`):
+    raise ValueError naming the targets that have none (before the model is touched)."""
+    bad = []
+    for name in names:
+        module = model.get_submodule(name)
+        wrapper = type(module) if isinstance(module, LoRALayer) else wrapper_for(module)
+        base = module.base_layer if isinstance(module, LoRALayer) else module
+        if wrapper is None or not wrapper.supports_lora_bias(base):
+            bad.append(f"{name} ({type(base).__name__})")
+    if bad:
+        raise ValueError(f"lora_bias=True needs layers whose lora_B takes a bias (linear, 4-bit linear and conv "
+                         f"layers, as in PEFT); these targets are not: {bad}. Exclude them (exclude_modules)")
 
 
 def _check_model(model) -> nn.Module:
@@ -83,7 +113,7 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     A module registered under several names (shared) appears once per name."""
     every = list(model.named_modules(remove_duplicate=False))
-    inside = [name for name, m in every if isinstance(m, LoRALayer)]
+    inside = [name for name, m in every if isinstance(m, (LoRALayer, *EXTRA_WRAPPERS))]
     return [(name, m) for name, m in every
             if name and not any(name.startswith(p + ".") for p in inside)]
 
@@ -125,15 +155,6 @@ def _compile(pattern: str, field: str) -> None:
         raise ValueError(f"{field}={pattern!r} is not a valid regular expression: {err}") from None
 
 
-def _matches(patterns: list[str] | str | None, name: str) -> bool:
-    """PEFT's rule: a string is a regex for the whole name; a list entry matches the name or a suffix."""
-    if not patterns:
-        return False
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
 def output_head_names(model: nn.Module) -> set[str]:
     """Names of the output head(s) that "all-linear" leaves out.
 
@@ -151,7 +172,7 @@ def output_head_names(model: nn.Module) -> set[str]:
     if named:
         return named
     embeddings = [m for m in modules.values() if isinstance(m, nn.Embedding)]
-    linears = [(n, m) for n, m in modules.items() if _is_linear_like(m)]
+    linears = [(n, m) for n, m in modules.items() if is_linear_like(m)]
     emb_weights = {id(e.weight) for e in embeddings}
     tied = {n for n, m in linears if id(getattr(m, "weight", None)) in emb_weights}
     if tied:
@@ -177,30 +198,39 @@ def _target_groups(model: nn.Module, config: LoRAConfig) -> list[list[str]]:
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
     check_patterns(config)
     candidates = _candidates(model)
-    wrappable = [n for n, m in candidates if isinstance(m, LoRALayer) or _wrapper_for(m) is not None]
+    wrappable = [n for n, m in candidates if isinstance(m, LoRALayer) or wrapper_for(m) is not None]
+    unreachable = _read_without_call(candidates)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
         modules = dict(candidates)
         heads = {id(modules[n]) for n in output_head_names(model)}  # by identity: a head has one wrapper
-        names = [n for n, m in candidates if _is_linear_like(m) and id(m) not in heads]
+        names = [n for n, m in candidates if is_linear_like(m) and id(m) not in heads and n not in unreachable]
     else:
-        names = [n for n, _ in candidates if _matches(config.target_modules, n)]
-    names = [n for n in names if not _matches(config.exclude_modules, n)
-             and not _matches(config.modules_to_save, n)]
+        names = [n for n, _ in candidates if name_matches(config.target_modules, n) and in_selected_layers(config, n)]
+        hit = {n: unreachable[n] for n in names if n in unreachable}
+        if hit:
+            raise ValueError(f"target_modules={config.target_modules!r} matched {sorted(hit)}, the out_proj of an "
+                             "nn.MultiheadAttention: its forward reads out_proj.weight without calling out_proj, "
+                             "so a LoRA there would be ignored. Target the attention module itself "
+                             f"({sorted(set(hit.values()))}); its LoRA adapts in_proj and out_proj, as in PEFT")
+    names = [n for n in names if not name_matches(config.exclude_modules, n)
+             and not name_matches(config.modules_to_save, n)]
     if not names:
         shown = ", ".join(wrappable[:60]) + (" ..." if len(wrappable) > 60 else "")
+        layers = "" if config.layers_to_transform in (None, []) else \
+            f" in layers_to_transform={config.layers_to_transform!r} (layers_pattern={config.layers_pattern!r})"
         raise ValueError(f"target_modules={config.target_modules!r} matched no module of "
-                         f"{type(model).__name__}; candidate module names: [{shown}]")
+                         f"{type(model).__name__}{layers}; candidate module names: [{shown}]")
     modules = dict(candidates)
     bad = [f"{n} ({type(modules[n]).__name__})" for n in names
-           if not isinstance(modules[n], LoRALayer) and _wrapper_for(modules[n]) is None]
+           if not isinstance(modules[n], LoRALayer) and wrapper_for(modules[n]) is None]
     if bad:
-        supported = sorted({c.__name__ for c in LORA_LAYER_TYPES} | {"Conv1D"})
+        supported = supported_type_names()
         raise ValueError(f"target_modules={config.target_modules!r} matched modules LoRA cannot wrap: {bad}; "
                          f"supported types: {supported}")
     paths = _paths_by_module(candidates)
     groups = {id(modules[n]): paths[id(modules[n])] for n in names}
     for group in groups.values():
-        left_out = [p for p in group if _matches(config.exclude_modules, p) or _matches(config.modules_to_save, p)]
+        left_out = [p for p in group if name_matches(config.exclude_modules, p) or name_matches(config.modules_to_save, p)]
         if left_out:
             targeted = [p for p in group if p in names]
             raise ValueError(f"one module is registered under the names {group} (shared): {targeted} are "
@@ -209,9 +239,44 @@ def _target_groups(model: nn.Module, config: LoRAConfig) -> list[list[str]]:
     return list(groups.values())
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The block index in a module's qualified name, by PEFT's rule (`check_target_module_exists`):
+    the first `<list>.<index>.` segment, `<list>` one of `layers_pattern` (any name when it is
+    empty). "model.layers.3.mlp.up" -> 3; "h.0.attn" -> None without a pattern (PEFT wants a
+    name before the list), 0 with layers_pattern="h". The first index, not the last, so an
+    expert index ("layers.1.experts.0.w") is not taken for the layer."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = None
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    return int(match["idx"]) if match is not None else None
+
+
+def in_selected_layers(config: LoRAConfig, name: str) -> bool:
+    """Whether a module that `target_modules` matches lies in `layers_to_transform` (True when
+    that is None or []). As in PEFT, a name listed in full in `target_modules` is taken
+    whatever its layer, and a module with no layer index is left out."""
+    indices = config.layers_to_transform
+    if indices is None or indices == [] or (isinstance(config.target_modules, list) and name in config.target_modules):
+        return True
+    index = layer_index(name, config.layers_pattern)
+    if index is None:
+        return False
+    return index == indices if isinstance(indices, int) else index in indices
+
+
+def _read_without_call(candidates: list[tuple[str, nn.Module]]) -> dict[str, str]:
+    """{name: parent name} of modules whose parent reads their weights without calling them:
+    the `out_proj` of an `nn.MultiheadAttention` (wrapping it alone would have no effect)."""
+    out = {}
+    for name, module in candidates:
+        if isinstance(module, nn.MultiheadAttention):
+            out[f"{name}.out_proj"] = name
+    return out
 
 
 def _record_tied_weights(model: nn.Module) -> dict[str, list[str]]:
@@ -227,8 +292,9 @@ def _record_tied_weights(model: nn.Module) -> dict[str, list[str]]:
     layers = list(lora_layers(model))
     tied = {}
     for path, layer in layers:
-        weight = getattr(layer.base_layer, "weight", None)
-        others = sorted({p for p, m in holders.get(id(weight), []) if m is not layer.base_layer}) \
+        base, weight = layer.weight_holder() if isinstance(layer, LoRAParameter) \
+            else (layer.base_layer, getattr(layer.base_layer, "weight", None))  # the parameter merge writes
+        others = sorted({p for p, m in holders.get(id(weight), []) if m is not base}) \
             if isinstance(weight, nn.Parameter) else []
         # two wrappers built (by hand) around one base layer share its weight too
         others += [f"{p}.base_layer" for p, other in layers if other is not layer and other.base_layer is layer.base_layer]
@@ -246,7 +312,7 @@ def replace_module(model: nn.Module, module: nn.Module, replacement: nn.Module) 
     paths = _paths_by_module(list(_check_model(model).named_modules(remove_duplicate=False))).get(id(module), [])
     for path in paths:
         if path:  # the root itself cannot be replaced in place
-            _set_submodule(model, path, replacement)
+            set_submodule(model, path, replacement)
     return paths
 
 
@@ -257,6 +323,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     check_choice("bias", bias, BIAS_MODES)
     for p in model.parameters():
         p.requires_grad_(False)
+    activate_extras(model)  # the active modules_to_save copies and token rows
     for _, layer in lora_layers(model):
         layer._activate(layer.active_adapters)
         if bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
@@ -269,7 +336,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
 
 def modules_to_save_names(model: nn.Module, config: LoRAConfig) -> list[str]:
     check_patterns(config)
-    names = [n for n, _ in _candidates(model) if _matches(config.modules_to_save, n)]
+    names = [n for n, _ in _candidates(model) if name_matches(config.modules_to_save, n)]
     if config.modules_to_save and not names:
         raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module; candidate module "
                          f"names: {[n for n, _ in _candidates(model)][:60]}")
@@ -294,8 +361,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defaul
     Everything is checked before the model is touched. New modules take the training flag
     of the layer they wrap (a model in `eval()` gets adapters in eval mode, as in PEFT). A
     module registered under several names gets one wrapper that all its names point to.
-    Modules in `config.modules_to_save` are trained in full, in place (shared by all
-    adapters, unlike PEFT's copies).
+    Modules in `config.modules_to_save` get one trainable copy per adapter, parameters in
+    `config.target_parameters` a `LoRAParameter`, embeddings in `trainable_token_indices`
+    trainable rows (PEFT's semantics; see lora/extra_modules.py).
 
     Inits that start from the weight (lora/init.py) change the base: `init="pissa"` /
     `"pissa_niter_K"` / `"olora"` rewrite each target's weight to `W - scaling * B @ A` (a
@@ -305,19 +373,17 @@ def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defaul
     adapter on the original base, save it with `save_adapter(..., convert_to_lora=True)`.
     """
     _check_model(model)
-    if not isinstance(config, LoRAConfig):
-        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+    config = as_lora_config(config)
     config = dataclasses.replace(config)  # re-runs LoRAConfig's checks on fields edited since construction
     check_adapter_name(adapter_name)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
-    configs = getattr(model, CONFIG_ATTR, None) or {}
+    configs = lora_configs(model)
     if adapter_name in configs:
         raise ValueError(f"adapter_name {adapter_name!r} is already applied to this model; "
                          "LoRA cannot be applied twice with the same name (use another adapter_name)")
-    groups = _target_groups(model, config)
+    groups = _target_groups(model, config) if config.target_modules or not config.target_parameters else []
     names = [group[0] for group in groups]
-    save_names = modules_to_save_names(model, config)
     sizes = {name: _rank_and_alpha(config, group) for name, group in zip(names, groups, strict=True)}
     for name in names:
         module = model.get_submodule(name)
@@ -325,10 +391,14 @@ def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defaul
             raise ValueError(f"{name} already has adapter {adapter_name!r}; LoRA cannot be applied twice")
     if config.dora:
         check_dora_targets(model, names)
+    if config.lora_bias:
+        check_lora_bias_targets(model, names)
     if rewrites_base(config.init):
         _check_init_targets(model, groups, config, sizes)
+    extras = plan_extras(model, config, adapter_name, names)  # modules_to_save, target_parameters, tokens
     for group in groups:
         _wrap(model, group, config, adapter_name, dtype, *sizes[group[0]])
+    apply_extras(model, config, adapter_name, extras, dtype, activate=not configs)
     if config.dora:
         for name in names:
             model.get_submodule(name).enable_dora(adapter_name)
@@ -336,12 +406,37 @@ def apply_lora(model: nn.Module, config: LoRAConfig, adapter_name: str = "defaul
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
         saved.target_modules = sorted(names)  # PEFT saves the resolved names too
     configs[adapter_name] = saved
-    setattr(model, CONFIG_ATTR, configs)
+    set_state(model, LORA_CONFIGS, configs)
     mark_only_lora_as_trainable(model, config.bias)
-    for name in save_names:
-        model.get_submodule(name).requires_grad_(True)
     _record_tied_weights(model)
+    _block_fused_fast_paths(model)
     return names
+
+
+# Modules with a fused inference path that reads their children's weights without calling them.
+FUSED_FAST_PATH_TYPES = (nn.TransformerEncoderLayer,)
+
+
+def _no_fast_path(module: nn.Module, args) -> None:
+    """A forward pre-hook that does nothing: its presence keeps PyTorch off the fused path of
+    `nn.TransformerEncoderLayer`, which would bypass the LoRA layers inside (see model_state)."""
+    return None
+
+
+def _block_fused_fast_paths(model: nn.Module) -> None:
+    hooks = get_state(model, FAST_PATH_HOOKS)
+    for name, module in model.named_modules():
+        if isinstance(module, FUSED_FAST_PATH_TYPES) and name not in hooks \
+                and any(isinstance(m, LoRALayer) for m in module.modules()):
+            hooks[name] = module.register_forward_pre_hook(_no_fast_path)
+    if hooks:
+        set_state(model, FAST_PATH_HOOKS, hooks)
+
+
+def _release_fused_fast_paths(model: nn.Module) -> None:
+    for handle in get_state(model, FAST_PATH_HOOKS).values():
+        handle.remove()
+    drop_state(model, FAST_PATH_HOOKS)
 
 
 def _weight_holders(model: nn.Module) -> dict[int, set[int]]:
@@ -370,7 +465,7 @@ def _check_init_targets(model: nn.Module, groups: list[list[str]], config: LoRAC
         if config.init == "loftq" and type(module) is not nn.Linear:
             raise ValueError(f"{where}: LoftQ needs a dense nn.Linear (its full-precision weight); it replaces it "
                              "by a QLoRALinear with a 4-bit base. Exclude this module or use another init")
-        wrapper = _wrapper_for(module)
+        wrapper = wrapper_for(module)
         if wrapper is None or not issubclass(wrapper, LoRALinear):
             raise ValueError(f"{where}: this init is for linear layers only; exclude this module or use "
                              "init='kaiming'/'gaussian'")
@@ -400,26 +495,28 @@ def _wrap(model: nn.Module, group: list[str], config: LoRAConfig, adapter_name: 
     `group` (the names of one shared module) to the wrapper."""
     module = model.get_submodule(group[0])
     kwargs = dict(adapter_name=adapter_name, rslora=config.rslora, init=config.init, dtype=dtype)
+    if config.lora_bias:  # passed only when set: a user's own wrapper type need not know the argument
+        kwargs["lora_bias"] = True
     if isinstance(module, LoRALayer):
-        dropout = config.dropout if isinstance(module, LoRALinear) else 0.0
+        dropout = config.dropout if module.takes_dropout else 0.0
         module.add_adapter(r=r, alpha=alpha, dropout=dropout, **kwargs)
         return
-    wrapper_cls = _wrapper_for(module)
-    dropout = config.dropout if wrapper_cls is not LoRAEmbedding else 0.0
+    wrapper_cls = wrapper_for(module)
+    dropout = config.dropout if wrapper_cls.takes_dropout else 0.0
     if config.init == "loftq":  # the dense nn.Linear becomes a QLoRALinear holding LoftQ's 4-bit Q
-        from .qlora import QLoRALinear  # qlora imports this module
-        wrapper = QLoRALinear.from_loftq(module, r=r, alpha=alpha, dropout=dropout, adapter_name=adapter_name,
-                                         rslora=config.rslora, loftq_bits=config.loftq_bits,
-                                         loftq_iter=config.loftq_iter, dtype=dtype)
+        qlora_cls = LORA_LAYER_TYPES[Linear4bit]  # QLoRALinear (lora/qlora.py registers it)
+        wrapper = qlora_cls.from_loftq(module, r=r, alpha=alpha, dropout=dropout, adapter_name=adapter_name,
+                                       rslora=config.rslora, loftq_bits=config.loftq_bits,
+                                       loftq_iter=config.loftq_iter, dtype=dtype)
     else:
         wrapper = wrapper_cls.from_layer(module, r=r, alpha=alpha, dropout=dropout,
                                          fan_in_fan_out=config.fan_in_fan_out or None, **kwargs)
     for path in group:
-        _set_submodule(model, path, wrapper)
+        set_submodule(model, path, wrapper)
 
 
 def _known_adapters(model: nn.Module) -> set[str]:
-    known = set(getattr(model, CONFIG_ATTR, None) or {})
+    known = set(lora_configs(model))
     for _, layer in lora_layers(model):
         known |= set(layer.r)
     return known
@@ -435,6 +532,7 @@ def set_adapter(model: nn.Module, adapter_names: str | Iterable[str]) -> None:
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"adapter_names {unknown} not found; the model has {sorted(known)}")
+    set_extras_adapter(model, names)  # checks first: raises before any layer changes
     for _, layer in lora_layers(model):
         layer._activate([n for n in names if n in layer.r])
 
@@ -443,7 +541,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove one adapter from every layer (layers left with no adapter keep working as their base)."""
     _check_model(model)
     check_adapter_name(adapter_name)
-    configs = getattr(model, CONFIG_ATTR, None) or {}
+    configs = lora_configs(model)
     layers = [(path, layer) for path, layer in lora_layers(model) if adapter_name in layer.r]
     if not layers and adapter_name not in configs:
         raise ValueError(f"adapter_name {adapter_name!r} not found; the model has {sorted(configs)}")
@@ -452,17 +550,20 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         raise ValueError(f"adapter {adapter_name!r} is merged in {merged}; unmerge() before deleting it")
     for _, layer in layers:
         layer.delete_adapter(adapter_name)
+    delete_extras_adapter(model, adapter_name)
     configs.pop(adapter_name, None)
 
 
 @contextmanager
 def disable_adapters(model: nn.Module):
     """Run the base model alone inside the block: merged adapters are unmerged on entry
-    and merged back on exit. (`modules_to_save` and trained biases stay as trained.)
+    and merged back on exit; `modules_to_save` modules run their originals, embeddings their
+    original rows. (Trained biases stay as trained.)
     4-bit layers restore their pre-merge weight exactly, so blocks do not add up errors."""
     layers = [layer for _, layer in lora_layers(model)]
     merged = {id(layer): list(layer.merged_adapters) for layer in layers}
     previous = {id(layer): layer.disabled for layer in layers}
+    extras = disable_extras(model)  # modules_to_save originals and embedding rows of the base
     try:
         for layer in layers:
             if layer.merged:
@@ -470,6 +571,7 @@ def disable_adapters(model: nn.Module):
             layer.disabled = True
         yield model
     finally:
+        restore_disabled(extras)
         for layer in layers:
             layer.disabled = previous[id(layer)]
             if merged[id(layer)]:
@@ -498,6 +600,7 @@ def merge_and_unload(model: nn.Module, **kwargs) -> nn.Module:
         missing = [n for n in names if n not in _known_adapters(model)]
         if missing:
             raise ValueError(f"adapter_names {missing} not found; the model has {sorted(_known_adapters(model))}")
+        check_set_adapter(model, names)  # saved-module copies / token rows of these adapters can be used together
     _record_tied_weights(model)  # ties made after apply_lora count too
     per_layer = {}
     for path, layer in layers:
@@ -513,8 +616,9 @@ def merge_and_unload(model: nn.Module, **kwargs) -> nn.Module:
         if names is not None:
             own["adapter_names"] = per_layer[id(layer)]
         replace_module(model, layer, layer.merge_and_unload(**own))  # every name of a shared layer
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    unload_extras(model, merge=True, adapter_names=names)  # saved-module copies; token rows written into weights
+    drop_state(model, LORA_CONFIGS)
+    _release_fused_fast_paths(model)
     return model
 
 
@@ -524,8 +628,9 @@ def unload(model: nn.Module) -> nn.Module:
         if layer.merged:
             layer.unmerge()
         replace_module(model, layer, layer.base_layer)  # every name of a shared layer
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    unload_extras(model, merge=False)
+    drop_state(model, LORA_CONFIGS)
+    _release_fused_fast_paths(model)
     return model
 
 

@@ -30,8 +30,11 @@ from .config import (
     rewrites_base,
     scaling_for,
 )
-from .dora import factored_row_norm, weight_row_sq_norm
 from .init import check_init_rank, init_kind, olora, pissa, pissa_niter
+from .variants import DoraEmbeddingVariant, DoraLinearVariant, DoraMagnitude, LoraVariant
+
+__all__ = ["DoraMagnitude", "LoRAEmbedding", "LoRALayer", "LoRALinear", "LoraVariant", "adapter_name_list",
+           "check_adapter_args"]
 
 
 def check_adapter_args(adapter_name, r, alpha, dropout, rslora=False, init="kaiming", dtype=None) -> None:
@@ -121,6 +124,10 @@ class LoRALayer(nn.Module):
     """
 
     adapter_dict_names: tuple[str, ...] = ()
+    # Whether adapters take `dropout` on their input; `apply_lora` passes 0 to types without
+    # an adapter input to drop (token ids, weight-level updates), as PEFT ignores it there.
+    takes_dropout: bool = True
+    row_adapters = None  # the adapter of each batch row while `lora.mixed_batch.use_adapters` runs
     # True: merge() keeps a copy of the pre-merge base weight (one more weight's worth of
     # memory while merged) so unmerge() restores it bit-exact. False (the default, PEFT's
     # behaviour): unmerge() subtracts the delta again, which rounds twice, so each
@@ -128,10 +135,13 @@ class LoRALayer(nn.Module):
     # Doubling a dense model's weight memory on merge would surprise more users than that;
     # QLoRALinear always keeps its 4-bit original, where re-quantizing compounds instead.
     keep_premerge_weight: bool = False
+    # True for layers that adapt one parameter of the module they wrap (`LoRAParameter`):
+    # several such wrappers nest around one module, as PEFT's `ParamWrapper`s do.
+    wraps_lora_layers: bool = False
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
-        if isinstance(base_layer, LoRALayer):
+        if isinstance(base_layer, LoRALayer) and not self.wraps_lora_layers:
             raise ValueError("base_layer is already a LoRA layer; add another adapter with add_adapter() instead")
         if not isinstance(base_layer, nn.Module):
             raise TypeError(f"base_layer must be an nn.Module, got {type(base_layer).__name__}")
@@ -141,10 +151,13 @@ class LoRALayer(nn.Module):
         self.scaling: dict[str, float] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        # {adapter: LoraVariant} for adapters that are not plain LoRA (DoRA); see lora/variants.py
+        self.lora_variant: dict[str, LoraVariant] = {}
         self.disabled = False
         self.tied_with: list[str] = []  # other modules holding our base weight (set by apply_lora)
         self.path: str | None = None  # qualified name in the model (set by apply_lora), for messages
         self._premerge_weight: torch.Tensor | None = None  # base weight before the first merge (see merge)
+        self._premerge_bias: torch.Tensor | None = None  # and its bias, when keep_premerge_weight
         # {adapter: (A0, B0)} right after an init that rewrote the base (PiSSA, OLoRA): what
         # `save_adapter(..., convert_to_lora=True)` subtracts to make a plain LoRA of the original base.
         self.initial_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -153,6 +166,17 @@ class LoRALayer(nn.Module):
         self.training = base_layer.training  # not train(): that would also reset the base's children
         for p in base_layer.parameters():
             p.requires_grad_(False)
+
+    # ----- the base layer's tensors, for code that reads them (as PEFT's layers expose them) -----
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, without the adapters (PEFT's `LoraLayer.weight`)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (PEFT's `LoraLayer.bias`)."""
+        return self.base_layer.bias
 
     # ----- adapter management -----
     @property
@@ -169,20 +193,32 @@ class LoRALayer(nn.Module):
 
     def add_adapter(self, adapter_name: str = "default", r: int = 8, alpha: float = 16, dropout: float = 0.0,
                     rslora: bool = False, init: str = "kaiming", dtype: torch.dtype | None = None,
-                    activate: bool | None = None) -> None:
+                    activate: bool | None = None, lora_bias: bool = False) -> None:
         """Add a fresh adapter. It becomes active if it is the first one (or `activate=True`).
 
-        Its modules take this layer's training flag (`self.training`)."""
+        `lora_bias=True` gives `lora_B` a trainable bias b, zero at the start (PEFT's
+        `lora_bias`): the update becomes `scaling * (B A x + b)`; layer types that support it
+        say so in `supports_lora_bias`. Its modules take this layer's training flag."""
         check_adapter_args(adapter_name, r, alpha, dropout, rslora, init, dtype)
         if activate is not None:
             check_flag("activate", activate)
+        check_flag("lora_bias", lora_bias)
         if adapter_name in self.r:
             raise ValueError(f"adapter_name {adapter_name!r} already exists on this layer; "
                              "LoRA cannot be applied twice with the same adapter name")
+        if lora_bias:
+            self.check_lora_bias_allowed(init)
         self.check_init_allowed(init, r)
         device, base_dtype = _base_device_dtype(self.base_layer)
         dtype = dtype or _default_adapter_dtype(base_dtype)
         self._create_adapter(adapter_name, r, dropout, device, dtype)
+        if lora_bias:
+            B = self.lora_B[adapter_name]  # weight (out, r, *1): the bias has one entry per output (channel)
+            B.bias = nn.Parameter(torch.zeros(B.weight.shape[0], device=device, dtype=dtype))
+            if not isinstance(getattr(self.base_layer, "bias", None), torch.Tensor):
+                warnings.warn(f"lora_bias=True on {self._label()}, whose base layer has no bias: the adapter "
+                              "trains and runs, but cannot be merged (there is no base bias to add scaling * b to)",
+                              UserWarning, stacklevel=2)
         self._follow_training_flag(adapter_name)
         self.r[adapter_name] = r
         self.set_scale(adapter_name, alpha, rslora)
@@ -209,6 +245,37 @@ class LoRALayer(nn.Module):
         if self.tied_with:
             raise ValueError(f"init={init!r} would rewrite a base weight tied to {self.tied_with}")
 
+    @classmethod
+    def supports_lora_bias(cls, base_layer: nn.Module) -> bool:
+        """Whether this layer type can give `lora_B` a bias (`lora_bias=True`); none by default."""
+        return False
+
+    def check_lora_bias_allowed(self, init: str) -> None:
+        """ValueError unless `lora_bias=True` fits this layer: a type with a `lora_B` module
+        (`supports_lora_bias`) and an init that leaves the base alone (PEFT allows the bias with
+        its default init only: PiSSA/OLoRA/LoftQ factor the base with no bias term). A base
+        without a bias can train and run such an adapter but cannot merge it (add_adapter warns)."""
+        if not self.supports_lora_bias(self.base_layer):
+            raise ValueError(f"lora_bias=True is not supported by {type(self).__name__} over "
+                             f"{type(self.base_layer).__name__} (PEFT refuses it there too); it needs a lora_B "
+                             "module: linear (dense or 4-bit) and conv layers")
+        if rewrites_base(init):
+            raise ValueError(f"lora_bias=True with init={init!r} is not supported (as in PEFT): that init "
+                             "factors the base weight and has no bias term; use init='kaiming'")
+
+    def lora_bias_of(self, adapter_name: str) -> torch.Tensor | None:
+        """The bias b of adapter `adapter_name`'s `lora_B` (`lora_bias=True`), or None."""
+        B = getattr(self, "lora_B", None)
+        module = B[adapter_name] if isinstance(B, nn.ModuleDict) and adapter_name in B else None
+        bias = getattr(module, "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
+
+    def lora_bias_delta(self, adapter_name: str) -> torch.Tensor | None:
+        """`scaling * b` (out,), float32 (float64 for float64 adapters): what merging adds to the
+        base bias; None for an adapter without `lora_bias`."""
+        b = self.lora_bias_of(adapter_name)
+        return None if b is None else b.to(self._compute_dtype(b)) * self.scaling[adapter_name]
+
     def _follow_training_flag(self, adapter_name: str) -> None:
         """Put the new adapter's modules (A, B, dropout, ...) in this layer's mode."""
         for dict_name in self.adapter_dict_names + ("lora_dropout",):
@@ -218,6 +285,20 @@ class LoRALayer(nn.Module):
             container.training = self.training
             if adapter_name in container and isinstance(container[adapter_name], nn.Module):
                 container[adapter_name].train(self.training)
+
+    @torch.no_grad()
+    def init_factors(self, adapter_name: str, init: str = "kaiming") -> None:
+        """The standard start of `lora_A[name]` / `lora_B[name]` modules: A kaiming-uniform with
+        a = sqrt(5) (as nn.Linear; PEFT's default) or normal with std 1/r (PEFT's "gaussian");
+        B zeros, and a `lora_bias` zeros, so a fresh adapter changes nothing (LoRA sec. 4.1)."""
+        A = self.lora_A[adapter_name].weight
+        if init == "gaussian":
+            nn.init.normal_(A, std=1.0 / self.r[adapter_name])
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[adapter_name].weight)
+        if self.lora_bias_of(adapter_name) is not None:
+            nn.init.zeros_(self.lora_bias_of(adapter_name))
 
     def _check_known(self, adapter_name, name: str = "adapter_name") -> str:
         """A valid name of an adapter this layer has, else ValueError/TypeError naming `name`."""
@@ -271,6 +352,7 @@ class LoRALayer(nn.Module):
                 del container[adapter_name]
         for d in (self.r, self.alpha, self.scaling):
             del d[adapter_name]
+        self.lora_variant.pop(adapter_name, None)
         self.initial_factors.pop(adapter_name, None)
         if adapter_name in self.active_adapters:
             self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
@@ -313,18 +395,48 @@ class LoRALayer(nn.Module):
         if weight.is_meta:
             raise ValueError(f"cannot merge into {label}: its base weight is on the meta device (no data); "
                              "load real weights first")
+        self._check_bias_mergeable(names, label)
         if safe_merge:
             if not torch.isfinite(weight).all():
                 raise ValueError(f"base weight of {label} is not finite (it already holds inf or nan, "
                                  "before any adapter); nothing was written")
             self._check_deltas_finite(names, label)
 
+    def _check_bias_mergeable(self, names: list[str], label: str) -> None:
+        """An adapter with `lora_bias` merges `scaling * b` into the base bias, which must exist
+        (PEFT raises at merge time too; here nothing has been written yet)."""
+        with_bias = [n for n in names if self.lora_bias_of(n) is not None]
+        if with_bias and not isinstance(getattr(self.base_layer, "bias", None), torch.Tensor):
+            raise ValueError(f"cannot merge adapters {with_bias} into {label}: they have lora_bias=True (a bias on "
+                             "lora_B) and the base layer has no bias to add scaling * b to; keep them unmerged")
+
     def _check_deltas_finite(self, names: list[str], label: str) -> None:
-        """safe_merge's second check (after the base weight's): every delta `scaling * B @ A` is finite."""
+        """safe_merge's second check (after the base weight's): every delta `scaling * B @ A`
+        (and `scaling * b` of a lora_bias) is finite."""
         for name in names:
-            if not torch.isfinite(self.get_delta_weight(name)).all():
+            bias_delta = self.lora_bias_delta(name)
+            if not torch.isfinite(self.get_delta_weight(name)).all() \
+                    or (bias_delta is not None and not torch.isfinite(bias_delta).all()):
                 raise ValueError(f"merging adapter {name!r} would write non-finite values into {label}: "
-                                 "its delta weight (scaling * B @ A) holds inf or nan; nothing was written")
+                                 "its delta weight (scaling * B @ A, or scaling * b of its lora_bias) holds inf "
+                                 "or nan; nothing was written")
+
+    def _merged_bias(self, names: list[str], safe_merge: bool, label: str | None = None,
+                     start: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The base bias (or `start`) plus `scaling * b` of every adapter in `names` with a
+        lora_bias, in the bias's dtype, not written yet; None when none of them has one."""
+        deltas = [d for d in (self.lora_bias_delta(n) for n in names) if d is not None]
+        if not deltas:
+            return None
+        bias = self.base_layer.bias if start is None else start  # exists: see _check_bias_mergeable
+        merged = bias.detach().to(torch.float64 if bias.dtype == torch.float64 else torch.float32)
+        for delta in deltas:
+            merged = merged + delta.to(merged.device, merged.dtype)
+        merged = merged.to(bias.dtype)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"merging adapters {names} into {label or self._label()} would write non-finite "
+                             f"values into its bias (overflow in {bias.dtype}); nothing was written")
+        return merged
 
     def _merged_weight(self, names: list[str], safe_merge: bool, label: str | None = None) -> torch.Tensor:
         """The base weight with `names` merged in, in the weight's dtype, not written yet."""
@@ -352,10 +464,15 @@ class LoRALayer(nn.Module):
         if not names:
             return
         merged = self._merged_weight(names, safe_merge)
+        bias = self._merged_bias(names, safe_merge)  # None: no adapter in `names` has a lora_bias
         weight = self.base_weight()
         if not self.merged_adapters and self.keep_premerge_weight:
             self._premerge_weight = weight.detach().clone()
+            base_bias = getattr(self.base_layer, "bias", None)
+            self._premerge_bias = base_bias.detach().clone() if isinstance(base_bias, torch.Tensor) else None
         weight.data.copy_(merged)
+        if bias is not None:
+            self.base_layer.bias.data.copy_(bias)
         self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
@@ -369,10 +486,13 @@ class LoRALayer(nn.Module):
             warnings.warn("unmerge(): no adapter is merged into this layer; nothing to do", UserWarning,
                           stacklevel=2)
             return
-        if self._premerge_weight is not None:  # bit-exact: put the kept pre-merge weight back
+        if self._premerge_weight is not None:  # bit-exact: put the kept pre-merge weight (and bias) back
             weight = self.base_weight()
             weight.data.copy_(self._premerge_weight.to(weight.device))
             self._premerge_weight = None
+            if self._premerge_bias is not None:
+                self.base_layer.bias.data.copy_(self._premerge_bias.to(self.base_layer.bias.device))
+                self._premerge_bias = None
             self.merged_adapters.clear()
             self._after_unmerge()
             return
@@ -380,20 +500,42 @@ class LoRALayer(nn.Module):
             self._unmerge_one(self.merged_adapters.pop())
 
     def _after_unmerge(self) -> None:
-        """Drop state kept for undoing merges (subclasses with such state override this)."""
+        """The pre-merge weight was put back: variants drop what they kept for undoing merges."""
+        self._base_weight_changed()
+
+    def _base_weight_changed(self) -> None:
+        """The base weight was rewritten (not by a variant's own merge): variants drop what
+        they derived from it."""
+        for variant in self.lora_variant.values():
+            variant.base_weight_changed()
+
+    @classmethod
+    def supports_dora(cls, base_layer: nn.Module) -> bool:
+        """Whether this layer type has a DoRA variant for `base_layer` (none by default)."""
+        return False
 
     def _unmerge_one(self, name: str) -> None:
         """Take adapter `name` out of the base weight (the last one merged comes out first)."""
         weight = self.base_weight()
         restored = weight.data.to(torch.float32 if weight.dtype != torch.float64 else weight.dtype)
         weight.data.copy_(self._undo_merge(name, restored))
+        delta = self.lora_bias_delta(name)
+        if delta is not None:
+            bias = self.base_layer.bias
+            wide = bias.data.to(torch.float32 if bias.dtype != torch.float64 else bias.dtype)
+            bias.data.copy_(wide - delta.to(wide.device, wide.dtype))
 
     def _apply_merge(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """The base weight (float32/float64 copy) with adapter `name` merged in: `W + delta`."""
+        """The base weight (float32/float64 copy) with adapter `name` merged in: `W + delta`,
+        or what the adapter's variant makes of it."""
+        if name in self.lora_variant:
+            return self.lora_variant[name].merge(self, name, weight)
         return weight + self.get_delta_weight(name).to(weight.dtype)
 
     def _undo_merge(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """Inverse of `_apply_merge`."""
+        if name in self.lora_variant:
+            return self.lora_variant[name].unmerge(self, name, weight)
         return weight - self.get_delta_weight(name).to(weight.dtype)
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: Iterable[str] | None = None) -> nn.Module:
@@ -406,23 +548,6 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling}, active={self.active_adapters}, merged={self.merged_adapters}"
-
-
-def _dora_scale(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """`m / ||W + s B A||_row`, with 1 where the row norm is 0: such a row of `W + s B A` is
-    all zeros, so any finite scale gives the same (zero) contribution, while m / 0 would put
-    NaN (0 / 0) or inf into the output and the merged weight."""
-    return torch.where(norm > 0, magnitude / torch.where(norm > 0, norm, torch.ones_like(norm)),
-                       torch.ones_like(magnitude))
-
-
-class DoraMagnitude(nn.Module):
-    """DoRA's magnitude vector m, one entry per output row (DoRA sec. 4.1); PEFT's
-    `lora_magnitude_vector[name]`, so its file key is `...lora_magnitude_vector.weight`."""
-
-    def __init__(self, magnitude: torch.Tensor):
-        super().__init__()
-        self.weight = nn.Parameter(magnitude)
 
 
 class LoRALinear(LoRALayer):
@@ -440,6 +565,9 @@ class LoRALinear(LoRALayer):
             "gaussian" (A normal with std 1/r); B is zero either way.
         dtype: adapter dtype (default float32, float64 for a float64 base).
         dora: make the adapter a DoRA adapter (see `enable_dora`).
+        lora_bias: give `lora_B` a trainable bias b, zero at the start (PEFT's `lora_bias`):
+            `h = base(x) + scaling * (B A dropout(x) + b)`; merging adds `scaling * b` to the
+            base bias (a base without one cannot merge it). Not with DoRA (as PEFT).
 
     DoRA (Liu et al. 2024): `h = (m / ||W + s B A||_row) * (W + s B A) x + b`, with the
     norm detached from the graph (DoRA sec. 4.3) and computed without forming
@@ -458,13 +586,16 @@ class LoRALinear(LoRALayer):
                  dropout: float = 0.0, bias: bool = True, *, base_layer: nn.Module | None = None,
                  adapter_name: str = "default", rslora: bool = False, init: str = "kaiming",
                  fan_in_fan_out: bool = False, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, dora: bool = False):
+                 device: torch.device | str | None = None, dora: bool = False, lora_bias: bool = False):
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         check_adapter_args(adapter_name, r, alpha, dropout, rslora, init, dtype)
-        for name, value in (("bias", bias), ("fan_in_fan_out", fan_in_fan_out), ("dora", dora)):
+        for name, value in (("bias", bias), ("fan_in_fan_out", fan_in_fan_out), ("dora", dora),
+                            ("lora_bias", lora_bias)):
             check_flag(name, value)
+        if dora and lora_bias:
+            raise ValueError("lora_bias=True is not supported with dora=True (PEFT refuses it too)")
         if base_layer is None:
             base_layer = nn.Linear(in_features, out_features, bias=bias, device=_check_device(device))
         else:
@@ -475,10 +606,9 @@ class LoRALinear(LoRALayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
-        self._w_sq_cache: tuple | None = None  # (key, ||W||_row^2): W is frozen, so computed once
-        self._dora_merge_norm: dict[str, torch.Tensor] = {}  # row norms used by merge, for unmerge
-        self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, dtype=dtype)
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (their m, see lora/variants.py)
+        self.add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init, dtype=dtype,
+                         lora_bias=lora_bias)
         if dora:
             self.enable_dora(adapter_name)
 
@@ -486,7 +616,7 @@ class LoRALinear(LoRALayer):
     def from_layer(cls, base_layer: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, *,
                    adapter_name: str = "default", rslora: bool = False, init: str = "kaiming",
                    fan_in_fan_out: bool | None = None, dtype: torch.dtype | None = None,
-                   dora: bool = False) -> "LoRALinear":
+                   dora: bool = False, lora_bias: bool = False) -> "LoRALinear":
         """Wrap an existing linear-like layer (nn.Linear, GPT-2 Conv1D, or anything with
         `in_features` / `out_features`). The base weight object is kept, not copied."""
         if isinstance(base_layer, LoRALayer):
@@ -513,7 +643,7 @@ class LoRALinear(LoRALayer):
                                  "positive int (a lazy module must run one forward pass first)")
         return cls(in_features, out_features, r=r, alpha=alpha, dropout=dropout, base_layer=base_layer,
                    adapter_name=adapter_name, rslora=rslora, init=init,
-                   fan_in_fan_out=bool(fan_in_fan_out), dtype=dtype, dora=dora)
+                   fan_in_fan_out=bool(fan_in_fan_out), dtype=dtype, dora=dora, lora_bias=lora_bias)
 
     from_linear = from_layer
 
@@ -532,12 +662,7 @@ class LoRALinear(LoRALayer):
         if rewrites_base(init):
             self.init_from_weight(adapter_name, init)
             return
-        A = self.lora_A[adapter_name].weight
-        if init == "gaussian":
-            nn.init.normal_(A, std=1.0 / self.r[adapter_name])
-        else:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[adapter_name].weight)
+        self.init_factors(adapter_name, init)
 
     def check_init_allowed(self, init: str, r: int) -> None:
         """PiSSA / OLoRA need a float base weight, no adapter yet (see `_check_rewrite_allowed`) and
@@ -556,7 +681,7 @@ class LoRALinear(LoRALayer):
     def _init_source_weight(self) -> torch.Tensor:
         """The weight an init factors, (out, in), detached."""
         try:
-            return self._weight_out_in()
+            return self.weight_out_in()
         except TypeError as err:
             raise TypeError(f"init needs a float base weight: {err}") from None
 
@@ -583,7 +708,7 @@ class LoRALinear(LoRALayer):
         A.copy_(result.A)
         B.copy_(result.B)
         self._write_base_weight(adapter_name, result.base)
-        self._w_sq_cache = None
+        self._base_weight_changed()
         self.initial_factors[adapter_name] = (A.detach().clone(), B.detach().clone())
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -599,21 +724,36 @@ class LoRALinear(LoRALayer):
 
     def add_adapter(self, adapter_name: str = "default", r: int = 8, alpha: float = 16, dropout: float = 0.0,
                     rslora: bool = False, init: str = "kaiming", dtype: torch.dtype | None = None,
-                    activate: bool | None = None, dora: bool = False) -> None:
+                    activate: bool | None = None, dora: bool = False, lora_bias: bool = False) -> None:
         """As `LoRALayer.add_adapter`; `dora=True` makes it a DoRA adapter (`enable_dora`)."""
         check_flag("dora", dora)
+        check_flag("lora_bias", lora_bias)
+        if dora and lora_bias:
+            raise ValueError("lora_bias=True is not supported with dora=True (PEFT refuses it too)")
         if dora:
-            self._weight_out_in()  # a base without a float weight fails before anything is added
+            self.weight_out_in()  # a base without a float weight fails before anything is added
         super().add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
-                            dtype=dtype, activate=activate)
+                            dtype=dtype, activate=activate, lora_bias=lora_bias)
         if dora:
             self.enable_dora(adapter_name)
 
-    # ----- DoRA -----
-    def is_dora(self, adapter_name: str) -> bool:
-        return adapter_name in self.lora_magnitude_vector
+    @classmethod
+    def supports_lora_bias(cls, base_layer: nn.Module) -> bool:
+        """Any linear-like base (dense, Conv1D or 4-bit): `lora_B` is an `nn.Linear`."""
+        return True
 
-    def _weight_out_in(self) -> torch.Tensor:
+    # ----- DoRA (a variant: lora/variants.py) -----
+    @classmethod
+    def supports_dora(cls, base_layer: nn.Module) -> bool:
+        """A dense float weight to take row norms of: nn.Linear, Conv1D (not embeddings, not 4-bit)."""
+        weight = getattr(base_layer, "weight", None)
+        return not isinstance(base_layer, nn.Embedding) and isinstance(weight, torch.Tensor) \
+            and weight.is_floating_point()
+
+    def is_dora(self, adapter_name: str) -> bool:
+        return isinstance(self.lora_variant.get(adapter_name), DoraLinearVariant)
+
+    def weight_out_in(self) -> torch.Tensor:
         """The base weight as (out, in), detached (a view, no copy)."""
         try:
             weight = self.base_weight()
@@ -629,67 +769,20 @@ class LoRALinear(LoRALayer):
         self._check_known(adapter_name)
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before enabling DoRA")
-        weight = self._weight_out_in()
-        A = self.lora_A[adapter_name].weight
-        with torch.no_grad():
-            norm = self.row_norm(adapter_name)
-        self.lora_magnitude_vector[adapter_name] = DoraMagnitude(norm.to(A.dtype).to(weight.device))
+        if self.lora_bias_of(adapter_name) is not None:
+            raise ValueError(f"adapter {adapter_name!r} has lora_bias=True, which DoRA does not support (as PEFT)")
+        self.weight_out_in()  # a base without a float weight fails before anything changes
+        variant = DoraLinearVariant()
+        variant.init(self, adapter_name)
+        self.lora_variant[adapter_name] = variant
         self._follow_training_flag(adapter_name)
         self.lora_magnitude_vector[adapter_name].weight.requires_grad_(adapter_name in self.active_adapters)
 
-    def _weight_sq_norm(self) -> torch.Tensor:
-        """Cached `||W||_row^2`; recomputed when W changes (merge, or an in-place edit)."""
-        weight = self._weight_out_in()
-        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
-        if self._w_sq_cache is None or self._w_sq_cache[0] != key:
-            self._w_sq_cache = (key, weight_row_sq_norm(weight))
-        return self._w_sq_cache[1]
-
     def row_norm(self, adapter_name: str) -> torch.Tensor:
-        """`||W + s B A||_row` (out,), by the expanded square with `||W||_row^2` cached (`lora.dora`)."""
-        A = self.lora_A[adapter_name].weight.detach()
-        B = self.lora_B[adapter_name].weight.detach()
-        return factored_row_norm(self._weight_out_in(), A, B, self.scaling[adapter_name],
-                                 w_sq=self._weight_sq_norm())
-
-    def _apply_merge(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        if not self.is_dora(name):
-            return super()._apply_merge(name, weight)
-        self._w_sq_cache = None
-        W = weight.T if self.fan_in_fan_out else weight  # (out, in)
-        delta = self.get_delta_weight(name).to(weight.dtype)
-        combined = W + (delta.T if self.fan_in_fan_out else delta)  # (out, in)
-        norm = torch.linalg.vector_norm(combined, dim=1)  # (out,)
-        self._dora_merge_norm[name] = norm
-        out = _dora_scale(self.lora_magnitude_vector[name].weight.detach().to(weight.dtype), norm)[:, None] * combined
-        return out.T if self.fan_in_fan_out else out
-
-    def _after_unmerge(self) -> None:
-        self._dora_merge_norm.clear()
-        self._w_sq_cache = None
-
-    def _undo_merge(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        if not self.is_dora(name):
-            return super()._undo_merge(name, weight)
-        self._w_sq_cache = None
-        W = weight.T if self.fan_in_fan_out else weight  # (out, in)
-        norm = self._dora_merge_norm.pop(name).to(weight.dtype)
-        delta = self.get_delta_weight(name).to(weight.dtype)
-        delta = delta.T if self.fan_in_fan_out else delta  # (out, in)
-        out = (1 / _dora_scale(self.lora_magnitude_vector[name].weight.detach().to(weight.dtype), norm))[:, None] * W - delta
-        return out.T if self.fan_in_fan_out else out
-
-    def _dora_output(self, x2d: torch.Tensor, base_out: torch.Tensor, name: str) -> torch.Tensor:
-        """`(m/n - 1) * W x + (m/n) * s * B A dropout(x)` (N, out), n = row norm detached (DoRA sec. 4.3)."""
-        A, B = self.lora_A[name], self.lora_B[name]
-        with torch.no_grad():
-            norm = self.row_norm(name)  # (out,)
-        mag = self.lora_magnitude_vector[name].weight
-        scale = _dora_scale(mag, norm.to(mag.dtype))  # (out,)
-        bias = getattr(self.base_layer, "bias", None)
-        wx = base_out if bias is None else base_out - bias  # (N, out): W x without the bias
-        lora = B(A(self.lora_dropout[name](x2d.to(A.weight.dtype)))) * self.scaling[name]  # (N, out)
-        return (scale - 1) * wx.to(scale.dtype) + scale * lora
+        """`||W + s B A||_row` (out,) of one adapter, computed without forming `W + s B A`
+        (`lora.dora`; a DoRA adapter's variant caches `||W||_row^2`)."""
+        variant = self.lora_variant.get(adapter_name)
+        return (variant if isinstance(variant, DoraLinearVariant) else DoraLinearVariant()).row_norm(self, adapter_name)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -698,22 +791,30 @@ class LoRALinear(LoRALayer):
             raise ValueError(f"x must have last dimension in_features={self.in_features}, got shape {tuple(x.shape)}")
         if self.disabled and self.merged:
             self.unmerge()
+        if self.row_adapters is not None or "adapter_names" in kwargs:  # one adapter per row (lora/mixed_batch.py)
+            with_bias = [n for n in self.r if self.lora_bias_of(n) is not None]
+            if with_bias:
+                raise ValueError(f"{self._label()}: adapters {with_bias} have lora_bias=True, which mixed-batch "
+                                 "inference (one adapter per row) does not support; run them one at a time")
+            from .mixed_batch import linear_forward
+            return linear_forward(self, x, *args, **kwargs)
         if self.disabled or self.merged or not self.active_adapters:
             return self.base_layer(x, *args, **kwargs)
         x2d = x.reshape(-1, x.shape[-1])  # (N, in): 2-D, so the output can be updated without views
         result = self.base_layer(x2d, *args, **kwargs)  # (N, out)
-        if any(self.is_dora(name) for name in self.active_adapters):
+        if any(name in self.lora_variant for name in self.active_adapters):
             base_out = result
             for name in self.active_adapters:
-                if self.is_dora(name):
-                    result = result + self._dora_output(x2d, base_out, name).to(result.dtype)
+                if name in self.lora_variant:
+                    result = self.lora_variant[name].forward(self, name, x2d, result, base_out)
                 else:
-                    A, B = self.lora_A[name], self.lora_B[name]
-                    h = A(self.lora_dropout[name](x2d.to(A.weight.dtype))) * self.scaling[name]  # (N, r)
-                    result = result + B(h).to(result.dtype)
+                    result = result + self._lora_update(name, x2d).to(result.dtype)
             return result.view(*x.shape[:-1], result.shape[-1])  # (..., out)
         for name in self.active_adapters:
             A, B = self.lora_A[name], self.lora_B[name]
+            if B.bias is not None:  # lora_bias: PEFT's `B(A(x)) * scaling`, the bias scaled too
+                result = result + self._lora_update(name, x2d).to(result.dtype)
+                continue
             # Scale the thin (N, r) tensor rather than the (N, out) one: same math, less traffic.
             h = A(self.lora_dropout[name](x2d.to(A.weight.dtype))) * self.scaling[name]  # (N, r)
             if h.dtype != result.dtype or h.dtype != B.weight.dtype:
@@ -727,6 +828,14 @@ class LoRALinear(LoRALayer):
             else:
                 result = torch.addmm(result, h, B.weight.t())
         return result.view(*x.shape[:-1], result.shape[-1])  # (..., out)
+
+    def _lora_update(self, name: str, x2d: torch.Tensor) -> torch.Tensor:
+        """`scaling * (B A dropout(x) + b)` (N, out) of one plain adapter (b: its lora_bias, if any)."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        h = A(self.lora_dropout[name](x2d.to(A.weight.dtype)))  # (N, r)
+        if B.bias is None:  # scale the thin (N, r) tensor: same math, less traffic
+            return B(h * self.scaling[name])
+        return B(h) * self.scaling[name]
 
     def _can_add_in_place(self, result: torch.Tensor) -> bool:
         """Whether the base output may be updated in place: it must be a fresh tensor, which
@@ -744,15 +853,20 @@ class LoRAEmbedding(LoRALayer):
     zero-initialised and B (embedding_dim, r) normal, as the LoRA reference code does
     (loralib `Embedding.reset_parameters`). `init` is accepted for symmetry; both modes
     use that scheme. Parameters live in `lora_embedding_A` / `lora_embedding_B`
-    (`nn.ParameterDict`, PEFT's names)."""
+    (`nn.ParameterDict`, PEFT's names).
 
-    adapter_dict_names = ("lora_embedding_A", "lora_embedding_B")
+    `dora=True` (or `enable_dora`) makes an adapter a DoRA adapter in PEFT's parameterisation
+    (`lora.variants.DoraEmbeddingVariant`: one magnitude per embedding dimension)."""
+
+    adapter_dict_names = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    takes_dropout = False
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 8, alpha: float = 16, *,
                  base_layer: nn.Embedding | None = None, adapter_name: str = "default",
                  rslora: bool = False, init: str = "kaiming", dtype: torch.dtype | None = None,
-                 padding_idx: int | None = None):
+                 padding_idx: int | None = None, dora: bool = False):
         check_adapter_args(adapter_name, r, alpha, 0.0, rslora, init, dtype)
+        check_flag("dora", dora)
         if rewrites_base(init):
             raise ValueError(f"init={init!r} is not supported by LoRAEmbedding (it rewrites a linear layer's "
                              "weight from its SVD/QR); use init='kaiming' or 'gaussian'")
@@ -769,14 +883,19 @@ class LoRAEmbedding(LoRALayer):
             raise TypeError(f"base_layer must be nn.Embedding, got {type(base_layer).__name__}")
         super().__init__(base_layer)
         self.num_embeddings, self.embedding_dim = base_layer.num_embeddings, base_layer.embedding_dim
+        self.in_features, self.out_features = self.num_embeddings, self.embedding_dim  # PEFT's names
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
         self.add_adapter(adapter_name, r=r, alpha=alpha, rslora=rslora, init=init, dtype=dtype)
+        if dora:
+            self.enable_dora(adapter_name)
 
     @classmethod
     def from_layer(cls, base_layer: nn.Embedding, r: int = 8, alpha: float = 16, dropout: float = 0.0, *,
                    adapter_name: str = "default", rslora: bool = False, init: str = "kaiming",
-                   fan_in_fan_out: bool | None = None, dtype: torch.dtype | None = None) -> "LoRAEmbedding":
+                   fan_in_fan_out: bool | None = None, dtype: torch.dtype | None = None,
+                   dora: bool = False) -> "LoRAEmbedding":
         """Wrap an `nn.Embedding` (kept, not copied). `dropout` must be 0: there is no
         dropout on token ids."""
         if isinstance(base_layer, LoRALayer):
@@ -787,7 +906,7 @@ class LoRAEmbedding(LoRALayer):
         if not isinstance(base_layer, nn.Embedding):
             raise TypeError(f"base_layer must be nn.Embedding, got {type(base_layer).__name__}")
         return cls(base_layer.num_embeddings, base_layer.embedding_dim, r=r, alpha=alpha, base_layer=base_layer,
-                   adapter_name=adapter_name, rslora=rslora, init=init, dtype=dtype)
+                   adapter_name=adapter_name, rslora=rslora, init=init, dtype=dtype, dora=dora)
 
     def _create_adapter(self, name, r, dropout, device, dtype):
         self.lora_embedding_A[name] = nn.Parameter(torch.empty(r, self.num_embeddings, device=device, dtype=dtype))
@@ -812,6 +931,50 @@ class LoRAEmbedding(LoRALayer):
             raise ValueError(f"x holds token ids outside [0, {self.num_embeddings}) (num_embeddings): "
                              f"min {int(x.min())}, max {int(x.max())}")
 
+    def add_adapter(self, adapter_name: str = "default", r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                    rslora: bool = False, init: str = "kaiming", dtype: torch.dtype | None = None,
+                    activate: bool | None = None, dora: bool = False) -> None:
+        """As `LoRALayer.add_adapter`; `dora=True` makes it a DoRA adapter (`enable_dora`)."""
+        check_flag("dora", dora)
+        super().add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
+                            dtype=dtype, activate=activate)
+        if dora:
+            self.enable_dora(adapter_name)
+
+    # ----- DoRA (a variant: lora/variants.py) -----
+    @classmethod
+    def supports_dora(cls, base_layer: nn.Module) -> bool:
+        """PEFT's embedding DoRA: one magnitude per embedding dimension of a float table."""
+        weight = getattr(base_layer, "weight", None)
+        return isinstance(base_layer, nn.Embedding) and isinstance(weight, torch.Tensor) \
+            and weight.is_floating_point()
+
+    def is_dora(self, adapter_name: str) -> bool:
+        return isinstance(self.lora_variant.get(adapter_name), DoraEmbeddingVariant)
+
+    def weight_out_in(self) -> torch.Tensor:
+        """The table as the weight of a linear map from one-hot ids: E^T (dim, num), detached."""
+        return self.base_weight().detach().T
+
+    def enable_dora(self, adapter_name: str) -> None:
+        """Turn adapter `adapter_name` into a DoRA adapter: m = ||E + s (B A)^T|| per embedding
+        dimension (over all tokens), so a fresh adapter leaves the layer unchanged."""
+        self._check_known(adapter_name)
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before enabling DoRA")
+        self.base_weight()  # a base without a float weight fails before anything changes
+        variant = DoraEmbeddingVariant()
+        variant.init(self, adapter_name)
+        self.lora_variant[adapter_name] = variant
+        self._follow_training_flag(adapter_name)
+        self.lora_magnitude_vector[adapter_name].weight.requires_grad_(adapter_name in self.active_adapters)
+
+    def embed(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """`F.embedding` of ids `x` in `table` with the base layer's options (padding_idx, max_norm, ...)."""
+        base = self.base_layer
+        return F.embedding(x, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                           base.sparse)
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """`scaling * (B @ A)^T`, shaped (num_embeddings, embedding_dim) like the base weight."""
         self._check_known(adapter_name)
@@ -824,13 +987,18 @@ class LoRAEmbedding(LoRALayer):
         self._check_ids(x)
         if self.disabled and self.merged:
             self.unmerge()
+        if self.row_adapters is not None:  # one adapter per row (lora/mixed_batch.py)
+            from .mixed_batch import embedding_forward
+            return embedding_forward(self, x)
         result = self.base_layer(x)
         if self.disabled or self.merged:
             return result
-        base = self.base_layer
+        base_out = result
         for name in self.active_adapters:
+            if name in self.lora_variant:
+                result = self.lora_variant[name].forward(self, name, x, result, base_out)
+                continue
             A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            h = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
-                            base.scale_grad_by_freq, base.sparse)  # (..., r)
+            h = self.embed(x, A.T)  # (..., r)
             result = result + ((h * self.scaling[name]) @ B.T).to(result.dtype)
         return result

@@ -14,22 +14,18 @@ for the adapters (about 0.1-1% of them), which is the whole point of PEFT. QLoRA
 shrinks the frozen weights 4x. Activations hardly change between the three methods.
 
 `estimate(...)` works from a model (it counts its real tensors) or from a `ModelSpec`
-(a config, for models too big for this machine: Llama-3-8B and 70B ship with it).
-`saved_activation_bytes(...)` measures what autograd really saves, with
-`torch.autograd.graph.saved_tensors_hooks`; the tests compare the two.
-
-Command line: `python -m lora.memory --config llama-3-8b --method qlora --r 16`.
+(a config, for models too big for this machine: Llama-3-8B and 70B ship with it). This
+module only computes: measuring a live process is `lora.memory_probe`
+(`saved_activation_bytes` records what autograd really saves, with
+`torch.autograd.graph.saved_tensors_hooks`; the tests compare the two), and the command
+line is `lora.memory_cli`: `python -m lora.memory --config llama-3-8b --method qlora --r 16`
+(or `python -m lora.memory_cli ...`). Their names stay importable from here.
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import re
-import resource
-import sys
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -115,22 +111,31 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, cfg) -> "ModelSpec":
-        """Read a config object with Hugging Face or this project's `examples/llama.py` names."""
-        def get(*names):
+        """Read a config object by the attribute names in `CONFIG_NAMES`."""
+        def get(field_name):
+            names = CONFIG_NAMES[field_name]
             for n in names:
                 if hasattr(cfg, n):
                     return getattr(cfg, n)
             raise ValueError(f"model_or_config: a {type(cfg).__name__} config has none of the "
                              f"attributes {names}; pass an nn.Module, a ModelSpec, a preset name "
                              f"({sorted(PRESETS)}) or a Llama-style config")
-        return cls(hidden_size=get("hidden_size", "dim"),
-                   num_layers=get("num_hidden_layers", "n_layers"),
-                   num_heads=get("num_attention_heads", "n_heads"),
-                   num_kv_heads=get("num_key_value_heads", "n_kv_heads", "num_attention_heads"),
-                   intermediate_size=get("intermediate_size", "ffn_dim"),
-                   vocab_size=get("vocab_size"),
-                   tie_word_embeddings=bool(get("tie_word_embeddings", "tie_embeddings")),
-                   name=type(cfg).__name__)
+        values = {f: get(f) for f in CONFIG_NAMES}
+        values["tie_word_embeddings"] = bool(values["tie_word_embeddings"])
+        return cls(**values, name=type(cfg).__name__)
+
+# ModelSpec field -> config attribute names that give it, tried in order: Hugging Face's
+# (`LlamaConfig`), then those of the in-repo Llama (`examples/llama.py`'s `LlamaConfig`).
+CONFIG_NAMES: dict[str, tuple[str, ...]] = {
+    "hidden_size": ("hidden_size", "dim"),
+    "num_layers": ("num_hidden_layers", "n_layers"),
+    "num_heads": ("num_attention_heads", "n_heads"),
+    "num_kv_heads": ("num_key_value_heads", "n_kv_heads", "num_attention_heads"),  # no GQA: as many as heads
+    "intermediate_size": ("intermediate_size", "ffn_dim"),
+    "vocab_size": ("vocab_size",),
+    "tie_word_embeddings": ("tie_word_embeddings", "tie_embeddings"),
+}
+
 
 
 # Published configs (the models' config.json files).
@@ -514,78 +519,16 @@ def _spec_or_model(model_or_config) -> tuple["ModelSpec | None", "nn.Module | No
     return ModelSpec.from_config(model_or_config), None
 
 
-def saved_activation_bytes(model: nn.Module, fn: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
-    """Bytes of the distinct tensors autograd saves while `fn()` runs (not the model's
-    own parameters and buffers, which are weights). Returns (bytes, fn's result)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if not callable(fn):
-        raise TypeError(f"fn must be a callable taking no arguments, got {type(fn).__name__}")
-    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        s = t.untyped_storage()
-        if s.data_ptr() not in own:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
-
-
-def tensor_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
-    """Bytes the model and optimizer really hold: weights (parameters and buffers),
-    gradients, optimizer states. Shared tensors are counted once."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
-    def nbytes(ts):
-        uniq = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts}
-        return sum(uniq.values())
-    weights = nbytes([*model.parameters(), *model.buffers()])
-    grads = nbytes([p.grad for p in model.parameters() if p.grad is not None])
-    states = []
-    if optimizer is not None:
-        for st in optimizer.state.values():
-            states += [v for v in st.values() if torch.is_tensor(v)]
-    return {"weights": weights, "gradients": grads, "optimizer_states": nbytes(states)}
-
-
-def memory_usage() -> dict[str, int]:
-    """Current and peak memory of this process (and of the GPU when there is one), bytes."""
-    out = {"rss": 0, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    try:
-        with open("/proc/self/statm") as f:
-            out["rss"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        out["rss"] = out["peak_rss"]
-    if torch.cuda.is_available():
-        out["gpu_allocated"] = torch.cuda.memory_allocated()
-        out["gpu_peak_allocated"] = torch.cuda.max_memory_allocated()
-    return out
-
-
-def fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float, digits: int = 2) -> str:
+    """Bytes in binary units for tables and logs: "512 B", "1.50 KiB", ..., "3.00 TiB"
+    (`digits` decimals above bytes)."""
     if isinstance(n, bool) or not isinstance(n, (int, float)):
         raise TypeError(f"n must be a number of bytes (int or float), got {type(n).__name__}")
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
         n /= 1024
     return str(n)
-
-
-def print_memory_usage() -> None:
-    """Print the process's (and GPU's) current and peak memory, e.g. after loading a model."""
-    u = memory_usage()
-    line = f"process memory: {fmt_bytes(u['rss'])} (peak {fmt_bytes(u['peak_rss'])})"
-    if "gpu_allocated" in u:
-        line += (f" || GPU memory: {fmt_bytes(u['gpu_allocated'])} "
-                 f"(peak {fmt_bytes(u['gpu_peak_allocated'])})")
-    print(line)
 
 
 def format_table(estimates: dict[str, MemoryEstimate]) -> str:
@@ -604,56 +547,23 @@ def format_table(estimates: dict[str, MemoryEstimate]) -> str:
     return "\n".join(lines)
 
 
-def _positive_int_arg(text: str) -> int:
-    """argparse type: a positive int (argparse turns the ValueError into a usage error, exit 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive int, got {text!r}")
-    return value
+# Measurement and the command line live beside the estimator; their names stay importable
+# from here (`from lora.memory import tensor_bytes, main`) without this module importing them.
+_MOVED = {"saved_activation_bytes": "memory_probe", "tensor_bytes": "memory_probe",
+          "memory_usage": "memory_probe", "print_memory_usage": "memory_probe", "main": "memory_cli"}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lora.memory", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="llama-3-8b", help=f"one of {sorted(PRESETS)}")
-    p.add_argument("--method", default="all", help="full, lora, qlora or all (side by side)")
-    p.add_argument("--r", type=_positive_int_arg, default=16)
-    p.add_argument("--weight-dtype", default=None, choices=sorted(_DTYPES), help="default bf16 (fp32 with --mixed-precision)")
-    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
-    p.add_argument("--batch-size", type=_positive_int_arg, default=1)
-    p.add_argument("--seq-len", type=_positive_int_arg, default=512)
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--mixed-precision", action="store_true",
-                   help="full fine-tuning: fp32 master weights and AdamW, bf16 autocast compute")
-    args = p.parse_args(argv)
-    if args.mixed_precision and args.method not in ("full", "all"):
-        p.error(f"--mixed-precision applies to --method full, got --method {args.method}")
-    if args.weight_dtype is None:
-        args.weight_dtype = "fp32" if args.mixed_precision else "bf16"
-    if args.config not in PRESETS:
-        p.error(f"--config must be one of {sorted(PRESETS)}, got {args.config!r}")
-    if args.method != "all" and args.method not in METHODS:
-        p.error(f"--method must be one of {METHODS} or 'all', got {args.method!r}")
-    methods = ("full",) if args.mixed_precision else METHODS if args.method == "all" else (args.method,)
-    spec = PRESETS[args.config]
-    try:
-        est = {m: estimate(spec, m, r=args.r, weight_dtype=args.weight_dtype,
-                           optimizer=args.optimizer, batch_size=args.batch_size,
-                           seq_len=args.seq_len, grad_checkpointing=args.grad_checkpointing,
-                           act_dtype=None if args.mixed_precision else args.weight_dtype,
-                           mixed_precision=args.mixed_precision)
-               for m in methods}
-    except (ValueError, TypeError) as err:  # a one-line usage error, never a traceback
-        p.error(str(err))
-    print(f"{spec.name}: {spec.num_parameters():,} parameters; r={args.r}, all linear layers, "
-          f"{args.weight_dtype} weights, {args.optimizer}, batch {args.batch_size} x "
-          f"{args.seq_len} tokens{', gradient checkpointing' if args.grad_checkpointing else ''}"
-          f"{', bf16 autocast (mixed precision)' if args.mixed_precision else ''}")
-    print(format_table(est))
-    return 0
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m lora.memory ...`, as the README has it
+    import sys
+
+    from lora.memory_cli import main as _main
+
+    sys.exit(_main())

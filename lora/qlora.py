@@ -28,8 +28,8 @@ from quant import LinearNF4, dequantize_4bit
 
 from .config import scaling_for
 from .init import check_init_rank, check_loftq_bits_supported, check_loftq_iter, loftq
-from .inject import register_lora_layer
 from .layer import LoRALinear, check_adapter_args, check_flag
+from .registry import register_lora_layer
 
 FLOAT_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what a LinearNF4 can be quantized from
 
@@ -77,13 +77,15 @@ class QLoRALinear(LoRALinear):
         self.merge_errors: dict[str, float] = {}
         self.init_errors: dict[str, float] = {}  # PiSSA/OLoRA on a 4-bit base: re-quantization error of the residual
         self._premerge: dict[str, torch.Tensor] | None = None  # 4-bit buffers from before the first merge
+        self._premerge_bias: torch.Tensor | None = None  # and the bias (changed by merging a lora_bias)
         super().__init__(in_features, out_features, r=r, alpha=alpha, dropout=dropout, bias=bias,
                          base_layer=base_layer, **kwargs)
 
     @classmethod
     def from_layer(cls, base_layer: LinearNF4, r: int = 8, alpha: float = 16, dropout: float = 0.0, *,
                    adapter_name: str = "default", rslora: bool = False, init: str = "kaiming",
-                   fan_in_fan_out: bool | None = None, dtype: torch.dtype | None = None) -> "QLoRALinear":
+                   fan_in_fan_out: bool | None = None, dtype: torch.dtype | None = None,
+                   lora_bias: bool = False) -> "QLoRALinear":
         """Wrap an existing `LinearNF4` (kept, not copied)."""
         if not isinstance(base_layer, LinearNF4):
             raise TypeError(f"base_layer must be a quant.LinearNF4, got {type(base_layer).__name__}")
@@ -91,16 +93,17 @@ class QLoRALinear(LoRALinear):
         if fan_in_fan_out:
             raise ValueError("fan_in_fan_out must be False for a LinearNF4 base (its weight is (out, in))")
         return cls(base_layer.in_features, base_layer.out_features, r=r, alpha=alpha, dropout=dropout,
-                   base_layer=base_layer, adapter_name=adapter_name, rslora=rslora, init=init, dtype=dtype)
+                   base_layer=base_layer, adapter_name=adapter_name, rslora=rslora, init=init, dtype=dtype,
+                   lora_bias=lora_bias)
 
     from_linear = from_layer
 
     def add_adapter(self, adapter_name: str = "default", r: int = 8, alpha: float = 16, dropout: float = 0.0,
                     rslora: bool = False, init: str = "kaiming", dtype: torch.dtype | None = None,
-                    activate: bool | None = None) -> None:
+                    activate: bool | None = None, lora_bias: bool = False) -> None:
         """As `LoRALinear.add_adapter`; the default adapter dtype is the base's compute dtype."""
         super().add_adapter(adapter_name, r=r, alpha=alpha, dropout=dropout, rslora=rslora, init=init,
-                            dtype=dtype or self.base_layer.compute_dtype, activate=activate)
+                            dtype=dtype or self.base_layer.compute_dtype, activate=activate, lora_bias=lora_bias)
 
     # ----- inits that rewrite the base -----
     def check_init_allowed(self, init: str, r: int) -> None:
@@ -157,7 +160,8 @@ class QLoRALinear(LoRALinear):
         base = LinearNF4(linear.in_features, linear.out_features, bias=linear.bias is not None,
                          weight=torch.zeros_like(weight, dtype=weight.dtype if weight.dtype in FLOAT_WEIGHT_DTYPES
                                                  else torch.float32),
-                         blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype)
+                         quant_type=result.base[1].quant_type, blocksize=blocksize, double_quant=double_quant,
+                         compute_dtype=compute_dtype)
         _set_quantized(base, *result.base)
         if linear.bias is not None:
             base.bias.data.copy_(linear.bias.detach())
@@ -190,17 +194,24 @@ class QLoRALinear(LoRALinear):
         self.check_mergeable(names, safe_merge, label)
         weight = self._original_weight()  # (out, in)
         for name in names:
-            weight = weight + self.get_delta_weight(name).to(torch.float32)
+            weight = self._apply_merge(name, weight)  # `W + delta`, or the adapter's variant's merge
         if safe_merge and not torch.isfinite(weight).all():
             raise ValueError(f"merging adapters {names} into {label or self._label()} would write non-finite "
                              "values; nothing was written")
         return weight
+
+    def _original_bias_merged(self, names: list[str], safe_merge: bool) -> torch.Tensor | None:
+        """The pre-merge bias plus `scaling * b` of the merged adapters and `names` that have a
+        lora_bias (as `_merged_weight` starts from the pre-merge weight); None if none has one."""
+        everything = list(dict.fromkeys([*self.merged_adapters, *names]))
+        return self._merged_bias(everything, safe_merge, start=self._premerge_bias)
 
     def check_mergeable(self, names: list[str], safe_merge: bool, label: str | None = None) -> None:
         """As `LoRALinear.check_mergeable`, for the dequantized 4-bit base (never tied)."""
         label = label or self._label()
         if self.base_layer.weight_packed.is_meta:
             raise ValueError(f"cannot merge into {label}: its base weight is on the meta device (no data)")
+        self._check_bias_mergeable(names, label)
         if not safe_merge:
             return
         if not torch.isfinite(self._original_weight()).all():
@@ -225,9 +236,14 @@ class QLoRALinear(LoRALinear):
         if not names:
             return
         exact = self._merged_weight(names, safe_merge)
+        bias = self._original_bias_merged(names, safe_merge)
         if self._premerge is None:
             self._premerge = self._packed_state()
+            base_bias = self.base_layer.bias
+            self._premerge_bias = base_bias.detach().clone() if base_bias is not None else None
         self.base_layer.set_weight(exact)
+        if bias is not None:
+            self.base_layer.bias.data.copy_(bias)
         error = relative_rmse(self.base_layer.dequantize(torch.float32), exact)
         for name in names:
             self.merge_errors[name] = error
@@ -249,6 +265,9 @@ class QLoRALinear(LoRALinear):
         for key, tensor in self._premerge.items():
             setattr(self.base_layer, key, tensor.to(device))
         self._premerge = None
+        if self._premerge_bias is not None:
+            self.base_layer.bias.data.copy_(self._premerge_bias.to(self.base_layer.bias.device))
+            self._premerge_bias = None
         self.merged_adapters.clear()
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names: Iterable[str] | None = None,
@@ -266,7 +285,9 @@ class QLoRALinear(LoRALinear):
         """
         check_flag("requantize", requantize)
         check_flag("safe_merge", safe_merge)
-        exact = self._merged_weight(self._adapters_to_merge(adapter_names), safe_merge)
+        names = self._adapters_to_merge(adapter_names)
+        exact = self._merged_weight(names, safe_merge)
+        bias = self._original_bias_merged(names, safe_merge)
         base = self.base_layer
         if requantize:
             layer = LinearNF4(base.in_features, base.out_features, bias=base.bias is not None,
@@ -281,7 +302,7 @@ class QLoRALinear(LoRALinear):
                               device=exact.device, dtype=base.compute_dtype)
             layer.weight.data.copy_(exact)
         if base.bias is not None:
-            layer.bias.data.copy_(base.bias.detach())
+            layer.bias.data.copy_(base.bias.detach() if bias is None else bias)
         layer.requires_grad_(False)
         return layer
 

@@ -10,7 +10,7 @@ backward: the memory saving that lets QLoRA fine-tune a 65B model on one GPU.
 from __future__ import annotations
 
 import math
-import re
+import warnings
 from typing import Iterable
 
 import torch
@@ -25,6 +25,7 @@ from .blockwise import (
     quantize_4bit,
 )
 from .codes import shared_code
+from .module_paths import name_matches, set_submodule
 from .ops import dequantize_4bit, linear_4bit
 from .state import QuantState
 
@@ -44,7 +45,8 @@ class Linear4bit(nn.Module):
         bias: whether to hold a (frozen) bias.
         weight: optional `(out_features, in_features)` float weight to quantize; default
             nn.Linear's kaiming-uniform initialization.
-        quant_type: "nf4" (QLoRA's NormalFloat), "fp4" or "int4".
+        quant_type: "nf4" (QLoRA's NormalFloat), "fp4" or "int4"; or "nf3", "nf2", "int3", "int2"
+            (fewer levels, still stored in 4 bits: `storage_bytes` is the same as NF4's).
         blocksize: weights per absmax block (64 in QLoRA sec. 3).
         double_quant: 8-bit quantize the absmax values too (QLoRA sec. 3; ~0.37 bits saved per parameter).
         compute_dtype: dtype of the matmul: bfloat16 (default, QLoRA's) or float32/float16.
@@ -178,11 +180,38 @@ class Linear4bit(nn.Module):
             expected["nested_absmax"] = (torch.float32, (-(-nblocks // NESTED_BLOCKSIZE),))
         return expected
 
+    def _format_tag(self) -> str:
+        return f"{self.quant_type}:{self.blocksize}:{int(self.double_quant)}"
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The format the buffers are in ("nf3:64:1", as uint8 bytes, so safetensors can store
+        it): NF3 codes loaded into an NF4 layer would be valid codes with other values."""
+        return torch.tensor(list(self._format_tag().encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        pass  # checked in _load_from_state_dict, before any buffer changes
+
+    def _check_format_tag(self, state_dict, prefix: str) -> None:
+        key = prefix + "_extra_state"
+        if key not in state_dict:  # saved before the tag existed: the buffers' checks still run
+            return
+        tag = state_dict[key]
+        ok = isinstance(tag, torch.Tensor) and tag.dtype == torch.uint8 and tag.dim() == 1
+        found = bytes(tag.tolist()).decode(errors="replace") if ok else repr(tag)
+        if found != self._format_tag():
+            q, b, d = (found.split(":") + ["?", "?"])[:3]
+            raise ValueError(f"{prefix or 'state_dict'}: the saved 4-bit weight has quant_type={q}, blocksize={b}, "
+                             f"double_quant={d == '1'}, but this layer has quant_type={self.quant_type}, "
+                             f"blocksize={self.blocksize}, double_quant={self.double_quant}; its codes would "
+                             "decode to other values. Build the layer with the saved format")
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         """nn.Module's loader would cast a float absmax into the uint8 codes without a word:
-        refuse any buffer of another dtype or shape, and validate the state the loaded
-        buffers make, all before one buffer changes."""
+        refuse a state saved in another format (quant type, blocksize, double quant), any
+        buffer of another dtype or shape, and validate the state the loaded buffers make,
+        all before one buffer changes."""
+        self._check_format_tag(state_dict, prefix)
         incoming = {}
         for name, (dtype, shape) in self._expected_buffers().items():
             key = prefix + name
@@ -205,8 +234,10 @@ class Linear4bit(nn.Module):
             except (TypeError, ValueError) as e:
                 raise ValueError(f"{prefix or 'state_dict'}: the loaded buffers do not make a valid "
                                  f"4-bit weight: {e}") from None
+        n_missing = len(missing_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        missing_keys[n_missing:] = [k for k in missing_keys[n_missing:] if k != prefix + "_extra_state"]
 
     def _apply(self, fn, recurse=True):
         # `.half()` / `.to(dtype)` must move, never cast, the float32 absmax and code books:
@@ -242,21 +273,28 @@ class Linear4bit(nn.Module):
                 f"compute_dtype={self.compute_dtype}")
 
 
+def tied_linears(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """{linear name: another module holding the same weight Parameter} for `names`."""
+    holders: dict[int, list[str]] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for p_name, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            holders.setdefault(id(p), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    out = {}
+    for n in names:
+        others = [h for h in holders.get(id(model.get_submodule(n).weight), []) if h != f"{n}.weight"]
+        if others:
+            out[n] = others[0].rsplit(".", 1)[0]
+    return out
+
+
 LinearNF4 = Linear4bit  # the first name (it serves FP4 and INT4 too); kept for existing code
-
-
-def _name_matches(patterns: str | Iterable[str] | None, name: str) -> bool:
-    if patterns is None:
-        return True
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 def quantize_model(model: nn.Module, target_modules: str | Iterable[str] | None = None, *,
                    exclude_modules: str | Iterable[str] | None = None, quant_type: str = "nf4",
                    blocksize: int = 64, double_quant: bool = True,
-                   compute_dtype: torch.dtype = torch.bfloat16, progress: bool = False) -> nn.Module:
+                   compute_dtype: torch.dtype = torch.bfloat16, progress: bool = False,
+                   quantize_tied: bool = False) -> nn.Module:
     """Replace `nn.Linear` modules of `model` by `Linear4bit`, in place.
 
     Args:
@@ -266,25 +304,48 @@ def quantize_model(model: nn.Module, target_modules: str | Iterable[str] | None 
         exclude_modules: names or regex to leave in full precision (e.g. ["lm_head"]).
         quant_type, blocksize, double_quant, compute_dtype: as `Linear4bit`.
         progress: show a tqdm bar.
+        quantize_tied: a linear whose weight is shared with another module (an output head
+            tied to the input embedding) is left in full precision, as transformers +
+            bitsandbytes leave it: quantizing it would untie the two, and the embedding
+            would keep the full-precision copy anyway. True quantizes it (and unties it).
 
     Returns:
-        `model` itself. Raises ValueError if the targets match no `nn.Linear`.
+        `model` itself. Raises ValueError if the targets match no `nn.Linear`, if a target
+        named explicitly is tied (without `quantize_tied`), or if a target's weight is on the
+        `meta` device (quantizing needs the real values: load them first). Nothing is
+        changed when it raises.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(quantize_tied, bool):
+        raise TypeError(f"quantize_tied must be a bool, got {quantize_tied!r}")
     names = [n for n, m in model.named_modules()
-             if type(m) is nn.Linear and n and _name_matches(target_modules, n)
-             and not (exclude_modules is not None and _name_matches(exclude_modules, n))]
+             if type(m) is nn.Linear and n and (target_modules is None or name_matches(target_modules, n))
+             and not name_matches(exclude_modules, n)]
     if not names:
         linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
         raise ValueError(f"target_modules={target_modules!r} matched no nn.Linear of {type(model).__name__}; "
                          f"nn.Linear modules: {linears[:40]}")
+    tied = tied_linears(model, names)
+    if tied and not quantize_tied:
+        if target_modules is not None:  # asked for by name: say why it cannot be done as asked
+            raise ValueError(f"target_modules={target_modules!r} names {sorted(tied)}, whose weight is tied to "
+                             f"{[tied[n] for n in tied]}: quantizing would untie them. Leave them out "
+                             f"(exclude_modules), or pass quantize_tied=True to quantize and untie")
+        warnings.warn(f"quantize_model leaves {sorted(tied)} in full precision: their weight is tied to "
+                      f"{sorted(set(tied.values()))} (quantize_tied=True quantizes and unties them)", stacklevel=2)
+        names = [n for n in names if n not in tied]
+    meta = [n for n in names if model.get_submodule(n).weight.device.type == "meta"]
+    if meta:
+        raise ValueError(f"quantize_model needs real weights, but {meta[:8]}{' ...' if len(meta) > 8 else ''} "
+                         f"are on the meta device: load the weights first (model.to_empty(device=...) and "
+                         f"load_state_dict), or quantize each layer while loading")
+    if not names:
+        raise ValueError(f"target_modules={target_modules!r} matched only tied linears {sorted(tied)}")
     from tqdm.auto import tqdm
 
     for name in tqdm(names, desc="quantize", disable=not progress):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Linear4bit.from_linear(getattr(parent, child), quant_type=quant_type,
-                                                      blocksize=blocksize, double_quant=double_quant,
-                                                      compute_dtype=compute_dtype))
+        set_submodule(model, name, Linear4bit.from_linear(model.get_submodule(name), quant_type=quant_type,
+                                                          blocksize=blocksize, double_quant=double_quant,
+                                                          compute_dtype=compute_dtype))
     return model

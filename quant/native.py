@@ -45,8 +45,11 @@ only when all of these hold:
   name matches, and fd numbers are reused, so a second load could get the first library.)
 
 A build compiles into a fresh private folder (`tempfile.mkdtemp` inside the cache, mode
-0700), hashes the result, then renames library and hash into place, so no other user can
-reach a half-written file, and two processes building at once both end with a valid pair.
+0700) and hashes the result; then the hashed bytes and their hash are each written
+atomically into the verified cache folder (`quant.atomic_file.atomic_write_bytes`: an
+O_EXCL | O_NOFOLLOW temp file relative to the folder's descriptor, fsync, rename), so no
+other user can write or swap a half-written file, and two processes building at once
+both end with a valid pair.
 
 Why not compile at install time (a setuptools extension in site-packages)? The library
 would then be as trusted as any compiled dependency, but `pip install -e` in a checkout
@@ -71,6 +74,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic_file import atomic_write_bytes
 from .state import QuantState
 
 SOURCE = Path(__file__).with_name("csrc") / "dequant4.c"
@@ -269,12 +273,11 @@ def _build(cc: str, flags: tuple[str, ...], dir_fd: int, folder: str, name: str)
             data = _read_private_file(work_fd, name)
         finally:
             os.close(work_fd)
-        manifest = os.open(os.path.join(work, name + ".sha256"),
-                           os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(manifest, "w") as f:
-            f.write(f"{hashlib.sha256(data).hexdigest()}  {name}\n")  # sha256sum's format
-        os.replace(built, name, dst_dir_fd=dir_fd)
-        os.replace(built + ".sha256", name + ".sha256", dst_dir_fd=dir_fd)
+        manifest = f"{hashlib.sha256(data).hexdigest()}  {name}\n".encode()  # sha256sum's format
+        # The very bytes that were hashed go into the cache; library first, so that a build
+        # killed between the two leaves a library its old manifest refuses (and rebuilds).
+        atomic_write_bytes(name, data, dir_fd=dir_fd, mode=0o700)
+        atomic_write_bytes(name + ".sha256", manifest, dir_fd=dir_fd, mode=0o600)
         return data
     finally:
         shutil.rmtree(work, ignore_errors=True)

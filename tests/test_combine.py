@@ -127,3 +127,41 @@ def test_refusals():
     with pytest.raises(ValueError, match="cannot combine DoRA adapters"):
         combine_adapters(dora, {"d": 0.5, "p": 0.5})
     assert "mix" not in dora[0].r
+
+
+def test_adapters_with_saved_modules_tokens_or_parameters_are_refused():
+    """Their full-module copies, embedding rows and parameter factors have no weighted
+    sum here: combining them would save a config promising tensors that do not exist."""
+    import torch.nn as nn
+
+    from lora import LoRAConfig, apply_lora, combine_adapters
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    model = M()
+    apply_lora(model, LoRAConfig(r=2, target_modules=["body"], modules_to_save=["head"]), "a")
+    apply_lora(model, LoRAConfig(r=2, target_modules=["body"]), "b")
+    before = sorted(model.state_dict())
+    with pytest.raises(ValueError, match=r"\{'a': \['modules_to_save'\]\}"):
+        combine_adapters(model, {"a": 0.5, "b": 0.5})
+    assert sorted(model.state_dict()) == before  # nothing added
+
+
+def test_adapters_with_lora_bias_are_refused():
+    import torch.nn as nn
+
+    from lora import LoRAConfig, apply_lora, combine_adapters
+
+    model = nn.Sequential(nn.Linear(4, 4))
+    apply_lora(model, LoRAConfig(r=2, target_modules=["0"], lora_bias=True), "a")
+    apply_lora(model, LoRAConfig(r=2, target_modules=["0"]), "b")
+    with pytest.raises(ValueError, match=r"lora_bias \(layers \['0'\]\)"):
+        combine_adapters(model, {"a": 1.0, "b": 1.0})
+    assert "mix" not in model[0].r

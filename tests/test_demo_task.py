@@ -1,15 +1,11 @@
 """The demo's task (examples/task.py) and its batching (examples/training.py)."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-from task import Example, accuracy, completion, exact_match, make_splits, prompt  # noqa: E402
-from training import IGNORE, collate, encode_example  # noqa: E402
+from examples.task import Example, accuracy, completion, exact_match, make_splits, prompt
+from examples.training import IGNORE, collate, encode_example
 
 
 def test_splits_are_seeded_sized_and_disjoint():
@@ -83,8 +79,8 @@ def test_encode_masks_the_prompt_and_collate_shifts():
 
 
 def test_answer_only_loss_equals_the_full_cross_entropy():
-    from llama import Llama, LlamaConfig
-    from training import lm_loss
+    from examples.llama import Llama, LlamaConfig
+    from examples.training import lm_loss
 
     torch.manual_seed(0)
     model = Llama(LlamaConfig(vocab_size=128, dim=16, n_layers=1, n_heads=2, n_kv_heads=1,
@@ -97,8 +93,8 @@ def test_answer_only_loss_equals_the_full_cross_entropy():
 
 
 def test_held_out_loss_weighs_every_answer_token_the_same():
-    from llama import Llama, LlamaConfig
-    from training import lm_loss, mean_loss
+    from examples.llama import Llama, LlamaConfig
+    from examples.training import lm_loss, mean_loss
 
     torch.manual_seed(0)
     model = Llama(LlamaConfig(vocab_size=128, dim=16, n_layers=1, n_heads=2, n_kv_heads=1,

@@ -198,13 +198,20 @@ def test_dora_files_round_trip_and_peft_reads_them(tmp_path):
     torch.testing.assert_close(again(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_dora_refused_on_embeddings_and_4bit():
-    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8))
-    with pytest.raises(ValueError, match="dora=True needs linear layers"):
-        apply_lora(model, LoRAConfig(target_modules=["0", "1"], dora=True))
-    assert isinstance(model[1], nn.Linear)  # nothing was wrapped
-    from lora import QLoRALinear
+def test_dora_on_embeddings_through_apply_lora_and_refused_on_4bit():
+    from lora import LoRAEmbedding, QLoRALinear
     from quant import LinearNF4
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8))
+    ids = torch.tensor([[1, 2, 9], [0, 0, 3]])
+    before = model(ids)
+    apply_lora(model, LoRAConfig(target_modules=["0", "1"], dora=True))
+    assert isinstance(model[0], LoRAEmbedding) and model[0].is_dora("default") and model[1].is_dora("default")
+    torch.testing.assert_close(model(ids), before, atol=1e-6, rtol=1e-6)  # a fresh DoRA adapter changes nothing
+    # 4-bit layers have no dense weight to take norms of: refused before anything is wrapped
+    model = nn.Sequential(nn.Embedding(10, 64), LinearNF4(64, 8))
+    with pytest.raises(ValueError, match=r"dora=True needs layers with a dense float weight.*1 \(Linear4bit\)"):
+        apply_lora(model, LoRAConfig(target_modules=["0", "1"], dora=True))
+    assert isinstance(model[0], nn.Embedding) and isinstance(model[1], LinearNF4)  # nothing was wrapped
     with pytest.raises(TypeError, match="DoRA needs a dense float base weight"):
         QLoRALinear.from_layer(LinearNF4(64, 8)).enable_dora("default")
     with pytest.raises(TypeError, match="dora must be a bool"):

@@ -2,21 +2,20 @@
 
 The folders are tiny random checkpoints written by the tests themselves (no hub access)."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 pytest.importorskip("tokenizers")
 pytest.importorskip("safetensors")
 
-import hf_loader  # noqa: E402
-from hf_loader import interleaved_to_half_split, load_hf_llama  # noqa: E402
-from llama import Llama, LlamaConfig  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from test_llama_gguf import byte_chars  # noqa: E402
+from safetensors.torch import save_file
+from test_llama_gguf import byte_chars
+
+from examples import hf_loader
+from examples.hf_loader import interleaved_to_half_split, load_hf_llama
+from examples.llama import Llama, LlamaConfig
 
 SPECIALS = ["<|im_start|>", "<|im_end|>"]
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -107,8 +106,7 @@ def test_matches_transformers_llama_on_a_folder_it_saved(tmp_path):
 
 
 def test_qlora_loading_and_generation_through_load_model(tmp_path):
-    from methods import load_model
-
+    from examples.methods import load_model
     from quant import LinearNF4
 
     write_from_in_repo_llama(tmp_path)

@@ -1,14 +1,10 @@
 """The pure-PyTorch Llama of examples/llama.py against references written the obvious way."""
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-from llama import Llama, LlamaConfig  # noqa: E402
+from examples.llama import Llama, LlamaConfig
 
 TOL = {torch.float32: (2e-5, 1e-4), torch.float64: (1e-10, 1e-10)}  # dtype -> (atol, rtol)
 CONFIGS = {
@@ -130,7 +126,7 @@ def test_kv_cache_generation_matches_recomputation(name):
 
 
 def test_shared_prompt_prefix_is_run_once_with_the_same_result():
-    from llama import shared_prefix_length
+    from examples.llama import shared_prefix_length
 
     model = tiny("odd")
     prefix = [5, 9, 2, 6, 5, 3]

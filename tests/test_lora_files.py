@@ -82,7 +82,7 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(lora.files, "save_file", broken_save)
+    monkeypatch.setattr(lora.files.folder, "save_file", broken_save)  # the module that writes the weights
     with pytest.raises(OSError, match="disk full"):
         save_adapter(adapted(seed=1), tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before

@@ -141,7 +141,9 @@ def test_modules_to_save_and_bias_modes():
     model = make()
     apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"], bias="lora_only", modules_to_save=["lm_head"]))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "lm_head.weight" in trainable and "blocks.0.q_proj.base_layer.bias" in trainable
+    # the adapter's own copy of lm_head trains (lora/modules_to_save.py); the original stays frozen
+    assert "lm_head.modules_to_save.default.weight" in trainable and "blocks.0.q_proj.base_layer.bias" in trainable
+    assert "lm_head.original_module.weight" not in trainable
     assert "blocks.0.v_proj.bias" not in trainable
     model = make()
     apply_lora(model, LoRAConfig(r=2, target_modules=["q_proj"], bias="all"))

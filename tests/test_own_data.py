@@ -2,17 +2,15 @@
 `finetune.py --data / --generate` end to end on a tiny random model."""
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
+from examples import routing
+from examples.owndata import load_jsonl, split
+from examples.task import chat
 
-import routing  # noqa: E402
-from owndata import load_jsonl, split  # noqa: E402
-from task import chat  # noqa: E402
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 SHIPPED = EXAMPLES / "data" / "reviews.jsonl"
 GOOD = json.dumps({"prompt": "Capital of Peru?", "completion": "Lima"})
@@ -126,7 +124,7 @@ def test_shipped_example_file_is_valid_and_json():
 
 def test_chat_template_renders_like_transformers_and_falls_back_to_chatml():
     pytest.importorskip("jinja2")
-    from chat_format import chat_format
+    from examples.chat_format import chat_format
 
     smollm2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
                "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
@@ -163,7 +161,7 @@ def tiny_gguf(tmp_path_factory):
 
 
 def test_data_run_on_the_shipped_file_then_generate_with_the_adapter(tmp_path, tiny_gguf, capsys):
-    import finetune
+    from examples import finetune
 
     out = tmp_path / "run"
     rc = finetune.main(["--data", str(SHIPPED), "--steps", "2", "--gguf", str(tiny_gguf), "--out",
@@ -182,7 +180,7 @@ def test_data_run_on_the_shipped_file_then_generate_with_the_adapter(tmp_path, t
 
 
 def test_bad_data_writes_nothing(tmp_path, tiny_gguf, capsys):
-    import finetune
+    from examples import finetune
 
     out = tmp_path / "never"
     path = write_lines(tmp_path, GOOD, '{"prompt": "x"}')

@@ -148,11 +148,8 @@ def test_text_init_prompt_equals_real_prefix_tokens_in_a_hugging_face_model():
 
 def test_in_repo_llama_accepts_the_prompt():
     import inspect
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-    llama = pytest.importorskip("llama")
+    llama = pytest.importorskip("examples.llama")
     if "inputs_embeds" not in inspect.signature(llama.Llama.forward).parameters:
         pytest.skip("examples/llama.py: Llama.forward does not accept inputs_embeds= yet")
     torch.manual_seed(0)

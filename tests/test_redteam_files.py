@@ -428,7 +428,9 @@ def test_peft_style_file_without_metadata_uses_the_config_file(tmp_path):
     ({"bias": ["none"]}, ValueError, "bias must be one of"),
     ({"init_lora_weights": "corda"}, ValueError, "init_lora_weights must be true, false, 'gaussian' or 'eva'"),
     ({"init_lora_weights": 1.5}, TypeError, "init_lora_weights must be a bool"),
-    ({"layers_to_transform": 0}, ValueError, "layers_to_transform=0 is not supported"),
+    ({"layers_to_transform": "0"}, ValueError, "layers_to_transform must be None, a layer index"),
+    ({"lora_bias": "yes"}, TypeError, "lora_bias must be a bool"),
+    ({"layer_replication": [[0, 1]]}, ValueError, r"layer_replication=\[\[0, 1\]\] is not supported"),
 ])
 def test_bad_config_fields_name_the_field(tmp_path, changes, exc, pattern):
     folder = saved(tmp_path)

@@ -1,10 +1,7 @@
 """The benchmark report is built from tidy CSV rows: ratios first, then one table per benchmark."""
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # not benchmarks/: its kernels.py
-from benchmarks.common import COLUMNS, make_row, read_rows, write_rows  # noqa: E402  would shadow the package
-from benchmarks.make_report import collect, render  # noqa: E402
+from benchmarks.common import COLUMNS, make_row, read_rows, write_rows
+from benchmarks.make_report import collect, render
 
 
 def test_rows_round_trip_and_report(tmp_path):

@@ -1,12 +1,8 @@
 """The content scorer (examples/scoring.py): exact cases of what counts as right."""
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-from scoring import expected_fields, field_score, parse_object, same_value, scores  # noqa: E402
+from examples.scoring import expected_fields, field_score, parse_object, same_value, scores
 
 WANT = {"name": "Ximena", "age": 26, "city": "Paris"}
 ANSWER = '{"name": "Ximena", "age": 26, "city": "Paris"}'

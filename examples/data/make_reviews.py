@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository (benchmarks/)
-from report import atomic_write_text  # noqa: E402
+from examples.report import atomic_write_text
 
 BRANDS = "Nimbus Aero Kodo Brava Luma Pico Tessa Vanta Orla Zephyr Miko Rune".split()
 ITEMS = ["headphones", "blender", "desk chair", "phone case", "rain jacket", "coffee maker",

@@ -22,9 +22,9 @@ import time
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from tour_setup import (  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from tour_setup import (
     FIGURES,
     RUNS,
     RunConfig,
@@ -35,9 +35,9 @@ from tour_setup import (  # noqa: E402
     short_run,
 )
 
-from benchmarks.common import COLUMNS, make_row, write_rows  # noqa: E402
-from lora import LoRAConfig, apply_lora, load_adapter  # noqa: E402
-from lora.analysis import adapter_matrices, compare_adapters, energy_spectrum, truncate  # noqa: E402
+from benchmarks.common import COLUMNS, make_row, write_rows
+from lora import LoRAConfig, apply_lora, load_adapter
+from lora.analysis import adapter_matrices, compare_adapters, energy_spectrum, truncate
 
 RANKS = (8, 64)  # LoRA figure 3 compares r = 8 with r = 64
 TRUNCATE_TO = (1, 2, 4, 8, 16, 64)
@@ -46,8 +46,8 @@ SHOW_IJ = ((1, 1), (1, 64), (4, 4), (8, 8), (8, 64))
 
 def initial_adapters(r: int, seed: int = 0) -> dict:
     """The A matrices before training: replay short_run's seeded set-up (same RNG draws)."""
-    from methods import load_model
-    from task import make_splits
+    from examples.methods import load_model
+    from examples.task import make_splits
 
     torch.manual_seed(seed)
     make_splits(RunConfig.n_train, RunConfig.n_eval, seed)
@@ -116,8 +116,8 @@ def main() -> int:
 
 def truncated_accuracy(adapter64: dict) -> dict[int, float]:
     """Held-out exact match of the r = 64 adapter with every layer's B A cut to rank k."""
-    from methods import load_model
-    from task import make_splits
+    from examples.methods import load_model
+    from examples.task import make_splits
 
     cfg = RunConfig(r=64, alpha=128.0)
     _, eval_set = make_splits(cfg.n_train, cfg.n_eval, cfg.seed)

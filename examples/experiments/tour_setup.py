@@ -5,24 +5,20 @@ Every experiment reuses the main job's pieces (`examples/task.py`, `training.py`
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from examples.finetune import max_answer_tokens, pick_threads
+from examples.methods import BLOCK_LINEARS, load_model
+from examples.report import save_figure
+from examples.task import make_splits
+from examples.training import TrainConfig, evaluate, train
+from lora import LoRAConfig, apply_lora, save_adapter, trainable_parameters
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT))
-
-from finetune import max_answer_tokens, pick_threads  # noqa: E402
-from methods import BLOCK_LINEARS, load_model  # noqa: E402
-from report import save_figure  # noqa: E402
-from task import make_splits  # noqa: E402
-from training import TrainConfig, evaluate, train  # noqa: E402
-
-from lora import LoRAConfig, apply_lora, save_adapter, trainable_parameters  # noqa: E402
 
 FIGURES = ROOT / "docs" / "figures"  # committed PNG + CSV of every experiment
 RUNS = ROOT / "runs" / "experiments"  # adapters and other large outputs (not committed)
