@@ -303,12 +303,14 @@ def init_loftq_on_quantized(model: torch.nn.Module, weights: dict[str, torch.Ten
         weights: module name -> full-precision weight `(out, in)` (e.g. read from the
             model's safetensors file), for every QLoRALinear of the model that has the adapter.
     Returns the names of the layers changed. Every check runs before any layer changes."""
-    from .qlora import QLoRALinear  # lazily: lora.qlora imports this module
+    from quant import Linear4bit
 
     if not isinstance(weights, dict):
         raise TypeError(f"weights must be a dict of module name -> tensor, got {type(weights).__name__}")
+    # QLoRALinear layers, known by their 4-bit base (lora.qlora imports this module, not back)
     layers = {n: m for n, m in model.named_modules()
-              if isinstance(m, QLoRALinear) and adapter_name in m.lora_A}
+              if isinstance(getattr(m, "base_layer", None), Linear4bit)
+              and isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and adapter_name in m.lora_A}
     if not layers:
         raise ValueError(f"the model has no QLoRALinear with adapter {adapter_name!r}; quantize it and "
                          "apply_lora first (or use init='loftq' on the dense model)")

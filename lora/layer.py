@@ -796,7 +796,7 @@ class LoRALinear(LoRALayer):
             if with_bias:
                 raise ValueError(f"{self._label()}: adapters {with_bias} have lora_bias=True, which mixed-batch "
                                  "inference (one adapter per row) does not support; run them one at a time")
-            from .mixed_batch import linear_forward
+            from .row_batch import linear_forward
             return linear_forward(self, x, *args, **kwargs)
         if self.disabled or self.merged or not self.active_adapters:
             return self.base_layer(x, *args, **kwargs)
@@ -836,6 +836,8 @@ class LoRALinear(LoRALayer):
         if B.bias is None:  # scale the thin (N, r) tensor: same math, less traffic
             return B(h * self.scaling[name])
         return B(h) * self.scaling[name]
+
+    row_path_forward = forward  # this forward has the per-row branch (lora/row_batch.py's check)
 
     def _can_add_in_place(self, result: torch.Tensor) -> bool:
         """Whether the base output may be updated in place: it must be a fresh tensor, which
@@ -988,7 +990,7 @@ class LoRAEmbedding(LoRALayer):
         if self.disabled and self.merged:
             self.unmerge()
         if self.row_adapters is not None:  # one adapter per row (lora/mixed_batch.py)
-            from .mixed_batch import embedding_forward
+            from .row_batch import embedding_forward
             return embedding_forward(self, x)
         result = self.base_layer(x)
         if self.disabled or self.merged:
@@ -1002,3 +1004,5 @@ class LoRAEmbedding(LoRALayer):
             h = self.embed(x, A.T)  # (..., r)
             result = result + ((h * self.scaling[name]) @ B.T).to(result.dtype)
         return result
+
+    row_path_forward = forward  # this forward has the per-row branch (lora/row_batch.py's check)

@@ -93,12 +93,10 @@ def test_find_cycle_finds_cycles():
     assert _find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
 
 
-# Deferred imports (inside a function) that still close a cycle, left out of the strict check
-# until untangled; each is named so it cannot hide any other edge:
-# - layer -> mixed_batch: LoRALinear.forward hands mixed batches to lora/mixed_batch.py, which
-#   imports layer and inject back (e.g. duck-typing the layers there would remove it);
-# - init -> qlora: init_loftq_on_quantized looks for QLoRALinear layers, and qlora imports init.
-DEFERRED_CYCLE_EXCEPTIONS = {("layer", "mixed_batch"), ("init", "qlora")}
+# Deferred imports (inside a function) that would close a cycle: none are allowed. (The
+# per-row path of the layers lives in lora/row_batch.py, which imports nothing from lora;
+# init_loftq_on_quantized finds QLoRALinear layers by their 4-bit base.)
+DEFERRED_CYCLE_EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def test_no_import_cycle_in_lora():
