@@ -178,18 +178,12 @@ class LoRAConv(LoRALayer):
 
     def enable_dora(self, adapter_name: str) -> None:
         """Turn adapter `adapter_name` into a DoRA adapter (m = per-output-channel norm of W + s delta)."""
-        self._check_known(adapter_name)
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before enabling DoRA")
+        self._check_variant_allowed(adapter_name)
         if not self.supports_dora(self.base_layer):
             raise ValueError(f"dora=True needs a conv layer with groups=1, got groups={self.base_layer.groups}")
         if self.lora_bias_of(adapter_name) is not None:
             raise ValueError(f"adapter {adapter_name!r} has lora_bias=True, which DoRA does not support (as PEFT)")
-        variant = DoraConvVariant()
-        variant.init(self, adapter_name)
-        self.lora_variant[adapter_name] = variant
-        self._follow_training_flag(adapter_name)
-        self.lora_magnitude_vector[adapter_name].weight.requires_grad_(adapter_name in self.active_adapters)
+        self._install_variant(adapter_name, DoraConvVariant())
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

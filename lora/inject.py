@@ -63,16 +63,23 @@ from .registry import (  # noqa: F401  (LORA_LAYER_TYPES, register_lora_layer: p
 CONFIG_ATTR = LORA_CONFIGS  # the model attribute {adapter_name: LoRAConfig} (see lora/model_state.py)
 
 
-def check_dora_targets(model: nn.Module, names: list[str]) -> None:
-    """DoRA needs a layer type with a DoRA variant (`supports_dora`): raise ValueError naming
-    the targets that have none, e.g. 4-bit layers (called before the model is touched)."""
+def _targets_without(model: nn.Module, names: list[str], feature: str) -> list[str]:
+    """"name (base type)" of the targets whose LoRA layer type answers False to the class
+    method `feature` (e.g. "supports_dora") for their base, or that no layer type wraps."""
     bad = []
     for name in names:
         module = model.get_submodule(name)
         wrapper = type(module) if isinstance(module, LoRALayer) else wrapper_for(module)
         base = module.base_layer if isinstance(module, LoRALayer) else module
-        if wrapper is None or not wrapper.supports_dora(base):
+        if wrapper is None or not getattr(wrapper, feature)(base):
             bad.append(f"{name} ({type(base).__name__})")
+    return bad
+
+
+def check_dora_targets(model: nn.Module, names: list[str]) -> None:
+    """DoRA needs a layer type with a DoRA variant (`supports_dora`): raise ValueError naming
+    the targets that have none, e.g. 4-bit layers (called before the model is touched)."""
+    bad = _targets_without(model, names, "supports_dora")
     if bad:
         raise ValueError(f"dora=True needs layers with a dense float weight; these targets are not: {bad} "
                          "(DoRA supports nn.Linear, GPT-2 Conv1D, nn.Embedding and nn.Conv1d/2d/3d with groups=1; "
@@ -82,13 +89,7 @@ def check_dora_targets(model: nn.Module, names: list[str]) -> None:
 def check_lora_bias_targets(model: nn.Module, names: list[str]) -> None:
     """lora_bias=True needs a layer type whose lora_B takes a bias (`supports_lora_bias`):
     raise ValueError naming the targets that have none (before the model is touched)."""
-    bad = []
-    for name in names:
-        module = model.get_submodule(name)
-        wrapper = type(module) if isinstance(module, LoRALayer) else wrapper_for(module)
-        base = module.base_layer if isinstance(module, LoRALayer) else module
-        if wrapper is None or not wrapper.supports_lora_bias(base):
-            bad.append(f"{name} ({type(base).__name__})")
+    bad = _targets_without(model, names, "supports_lora_bias")
     if bad:
         raise ValueError(f"lora_bias=True needs layers whose lora_B takes a bias (linear, 4-bit linear and conv "
                          f"layers, as in PEFT); these targets are not: {bad}. Exclude them (exclude_modules)")

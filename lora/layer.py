@@ -300,6 +300,20 @@ class LoRALayer(nn.Module):
         if self.lora_bias_of(adapter_name) is not None:
             nn.init.zeros_(self.lora_bias_of(adapter_name))
 
+    def _check_variant_allowed(self, adapter_name: str) -> None:
+        """Before a variant (DoRA) is enabled: a known adapter that is not merged."""
+        self._check_known(adapter_name)
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before enabling DoRA")
+
+    def _install_variant(self, adapter_name: str, variant) -> None:
+        """Initialise `variant` for the adapter, hold it, and put its magnitude in this
+        layer's mode, trainable when the adapter is active."""
+        variant.init(self, adapter_name)
+        self.lora_variant[adapter_name] = variant
+        self._follow_training_flag(adapter_name)
+        self.lora_magnitude_vector[adapter_name].weight.requires_grad_(adapter_name in self.active_adapters)
+
     def _check_known(self, adapter_name, name: str = "adapter_name") -> str:
         """A valid name of an adapter this layer has, else ValueError/TypeError naming `name`."""
         check_adapter_name(adapter_name, name)
@@ -766,17 +780,11 @@ class LoRALinear(LoRALayer):
     def enable_dora(self, adapter_name: str) -> None:
         """Turn adapter `adapter_name` into a DoRA adapter: m = ||W + s B A||_row (DoRA sec. 4.1;
         `||W||_row` for a fresh adapter, so the layer still equals its base)."""
-        self._check_known(adapter_name)
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before enabling DoRA")
+        self._check_variant_allowed(adapter_name)
         if self.lora_bias_of(adapter_name) is not None:
             raise ValueError(f"adapter {adapter_name!r} has lora_bias=True, which DoRA does not support (as PEFT)")
         self.weight_out_in()  # a base without a float weight fails before anything changes
-        variant = DoraLinearVariant()
-        variant.init(self, adapter_name)
-        self.lora_variant[adapter_name] = variant
-        self._follow_training_flag(adapter_name)
-        self.lora_magnitude_vector[adapter_name].weight.requires_grad_(adapter_name in self.active_adapters)
+        self._install_variant(adapter_name, DoraLinearVariant())
 
     def row_norm(self, adapter_name: str) -> torch.Tensor:
         """`||W + s B A||_row` (out,) of one adapter, computed without forming `W + s B A`
@@ -961,15 +969,9 @@ class LoRAEmbedding(LoRALayer):
     def enable_dora(self, adapter_name: str) -> None:
         """Turn adapter `adapter_name` into a DoRA adapter: m = ||E + s (B A)^T|| per embedding
         dimension (over all tokens), so a fresh adapter leaves the layer unchanged."""
-        self._check_known(adapter_name)
-        if adapter_name in self.merged_adapters:
-            raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before enabling DoRA")
+        self._check_variant_allowed(adapter_name)
         self.base_weight()  # a base without a float weight fails before anything changes
-        variant = DoraEmbeddingVariant()
-        variant.init(self, adapter_name)
-        self.lora_variant[adapter_name] = variant
-        self._follow_training_flag(adapter_name)
-        self.lora_magnitude_vector[adapter_name].weight.requires_grad_(adapter_name in self.active_adapters)
+        self._install_variant(adapter_name, DoraEmbeddingVariant())
 
     def embed(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """`F.embedding` of ids `x` in `table` with the base layer's options (padding_idx, max_norm, ...)."""
