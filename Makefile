@@ -55,7 +55,7 @@ tour: install
 	$(PY) examples/experiments/intrinsic_rank.py
 
 lint: install
-	$(PY) -m ruff check lora quant kernels tests benchmarks examples
+	$(PY) -m ruff check lora quant loralab_kernels tests benchmarks examples
 
 # One prepared script for a lent CUDA machine (no installs there): CUDA tests, then the
 # kernel benchmarks; CSV, PNG and logs go to $(OUT).

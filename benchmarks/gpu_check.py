@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     tests_ok = run_tests(a.out, a.tests_s)
     print(f"CUDA tests: {'passed' if tests_ok else 'FAILED'} in {time.time() - t0:.0f} s")
     sys.path.insert(0, str(ROOT))
-    from benchmarks import kernels as bench
+    from benchmarks import kernel_speed as bench
 
     left = a.total_s - (time.time() - t0)
     args = ["--out", str(a.out), "--budget-s", str(max(30.0, left - 90.0))]

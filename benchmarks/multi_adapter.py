@@ -184,7 +184,7 @@ def summary(rows: list[dict]) -> None:
 # ----- CUDA (make gpu-check): the LoRA part of a mixed batch, d = 4096, r = 16, 16 adapters -----
 def _gpu_rows(tokens: int, n: int, d: int, r: int, out: list, t0: float, budget_s: float,
               dev: str = "cuda") -> None:
-    from kernels.segmented import lora_segments, stack_padded
+    from loralab_kernels.segmented import lora_segments, stack_padded
     from quant import LinearNF4
 
     if dev == "cuda":

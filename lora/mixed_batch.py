@@ -10,7 +10,7 @@ sort (a `RowPlan`, computed once per batch shape and shared by every layer); eac
 adapter's segment goes through its low-rank product once, and the deltas are added back
 into the base output with one scatter (`index_add`). There is no per-row Python loop, and
 gradients reach each adapter's A and B through its segment. On CUDA, for inference, the
-segments run as the Triton kernels of `kernels.segmented` (shrink and expand, Punica's
+segments run as the Triton kernels of `loralab_kernels.segmented` (shrink and expand, Punica's
 SGMV/BGMV; one launch each for all adapters), with their backward in PyTorch.
 
 Public API:

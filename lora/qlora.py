@@ -23,7 +23,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-import kernels  # noqa: F401  (registers the Triton kernels of the loralab 4-bit ops for CUDA)
+import loralab_kernels  # noqa: F401  (registers the Triton kernels of the loralab 4-bit ops for CUDA)
 from quant import LinearNF4, dequantize_4bit
 
 from .config import scaling_for

@@ -148,7 +148,7 @@ def add_segments(layer, plan: RowPlan, x2d: torch.Tensor, result: torch.Tensor) 
 
 
 def _use_kernels(layer, x2d: torch.Tensor, result: torch.Tensor) -> bool:
-    """The Triton segments run where `kernels.select_backend` picks Triton: CUDA tensors, or
+    """The Triton segments run where `loralab_kernels.select_backend` picks Triton: CUDA tensors, or
     CPU tensors under the interpreter with the backend forced (`quant.force_backend("triton")`,
     how the tests reach them); not with active dropout (the kernels have none)."""
     if torch.compiler.is_compiling():
@@ -159,7 +159,7 @@ def _use_kernels(layer, x2d: torch.Tensor, result: torch.Tensor) -> bool:
     dtypes = {layer.lora_A[n].weight.dtype for n in layer.r} | {layer.lora_B[n].weight.dtype for n in layer.r}
     if result.dtype not in floats or len(dtypes) != 1 or not dtypes <= set(floats) or result.stride(-1) != 1:
         return False
-    from kernels import select_backend, triton_available
+    from loralab_kernels import select_backend, triton_available
 
     return triton_available() and select_backend(x2d) == "triton"
 
@@ -171,7 +171,7 @@ def _stacks(layer, names: list[str]):
     """The layer's A and B of `names`, stacked and zero-padded to the largest rank (kernels'
     layout) with their scalings; for inference cached until a weight changes (in-place writes
     bump `_version`, e.g. hot swap)."""
-    from kernels.segmented import stack_padded
+    from loralab_kernels.segmented import stack_padded
 
     params = [(layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
     dtype, device = params[0][0].dtype, params[0][0].device
@@ -191,9 +191,9 @@ def _stacks(layer, names: list[str]):
 
 
 def _kernel_segments(layer, plan: RowPlan, x2d: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-    """The Triton segments (kernels/segmented.py): one shrink and one expand launch for all
+    """The Triton segments (loralab_kernels/segmented.py): one shrink and one expand launch for all
     adapters; adapters this layer lacks are skipped (-1)."""
-    from kernels.segmented import lora_segments
+    from loralab_kernels.segmented import lora_segments
 
     names = [n for n, _, _ in plan.segments if n in layer.r]
     if not names:

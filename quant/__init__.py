@@ -1,10 +1,10 @@
 """4-bit weight formats in pure PyTorch: NF4/FP4/INT4 code books, blockwise absmax,
-nibble packing, double quantization and `Linear4bit`. The reference for `kernels/`.
+nibble packing, double quantization and `Linear4bit`. The reference for `loralab_kernels/`.
 
 The 4-bit math is a few PyTorch custom ops (`torch.ops.loralab.*`, quant/ops.py) whose
 default kernel is the PyTorch reference. On the CPU a one-pass C loop (`quant.native`,
 built at first use, registered in quant/cpu_backend.py) returns the PyTorch path's exact
-bits; `kernels` registers Triton for CUDA. `force_backend(...)` (quant/backend.py) is the
+bits; `loralab_kernels` registers Triton for CUDA. `force_backend(...)` (quant/backend.py) is the
 one override of that choice."""
 from . import cpu_backend as _cpu_backend  # noqa: F401  (registers the C loop for "cpu")
 from .backend import BACKENDS, force_backend, requested_backend

@@ -14,7 +14,7 @@ On any error the temp file is removed and the destination is untouched. The umas
 never changed (it is process-wide: changing it even for a moment would affect files
 that other threads create meanwhile).
 
-It lives in `quant/` because `quant` is the bottom layer (quant <- kernels <- lora) and
+It lives in `quant/` because `quant` is the bottom layer (quant <- loralab_kernels <- lora) and
 `quant.native` needs it; it imports nothing but the standard library.
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The one override of which kernel runs the 4-bit ops (for tests and benchmarks).
 
 By default ("auto") the dispatcher picks the kernel from the inputs' device: the C loop of
-`quant.native` for CPU tensors (when it builds), the Triton kernels of `kernels/` for CUDA
-tensors (once `kernels` is imported; `lora` imports it), and the plain PyTorch reference
+`quant.native` for CPU tensors (when it builds), the Triton kernels of `loralab_kernels/` for CUDA
+tensors (once `loralab_kernels` is imported; `lora` imports it), and the plain PyTorch reference
 otherwise. To force a path:
 
     with quant.force_backend("torch"):      # or "native", "portable", "triton"
@@ -16,7 +16,7 @@ context manager wins). Backends:
 - "native": the C loop (CPU tensors; an error when it is not built).
 - "portable": the C loop without AVX-512 (CPU tensors; what an AVX2-only machine runs).
 - "triton": the Triton kernels (CUDA tensors, or CPU tensors under `TRITON_INTERPRET=1`
-  with `kernels` imported); an error where they cannot run.
+  with `loralab_kernels` imported); an error where they cannot run.
 
 Deprecated aliases, still honoured: `LORALAB_KERNELS=auto|torch|triton` (read when
 `LORALAB_BACKEND` is unset) and `dequantize_4bit(..., impl=...)`. `LORALAB_NATIVE=0|1|portable`

@@ -7,7 +7,7 @@ and "portable" the C loop (or an error). The C loop computes the PyTorch path's 
 bits, so the choice changes speed, never a number.
 
 "triton" on CPU tensors (the tests, under `TRITON_INTERPRET=1`) hands the call to the
-op's "cuda" kernel, where `kernels` registers Triton, through the dispatcher
+op's "cuda" kernel, where `loralab_kernels` registers Triton, through the dispatcher
 (`redispatch`); quant never imports kernels, and without a registered CUDA kernel it raises.
 """
 from __future__ import annotations
@@ -34,9 +34,9 @@ def cpu_loop() -> str:
 
 
 def _triton(op, args):
-    """Run `op` on its "cuda" kernel (Triton, registered by `kernels`) with these CPU tensors."""
+    """Run `op` on its "cuda" kernel (Triton, registered by `loralab_kernels`) with these CPU tensors."""
     if not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA"):
-        raise RuntimeError("force_backend('triton') on CPU tensors needs `import kernels` (which "
+        raise RuntimeError("force_backend('triton') on CPU tensors needs `import loralab_kernels` (which "
                            "registers the Triton kernels) and TRITON_INTERPRET=1; on a GPU, pass CUDA tensors")
     return op.redispatch(_CUDA, *args)
 

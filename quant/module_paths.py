@@ -11,7 +11,7 @@ One rule for which module names a target list selects, shared by `quant.quantize
   or whose name ends in "." + the entry (`"q_proj"` matches `"layers.0.attn.q_proj"`).
   List entries are not regexes: `["attn.*"]` matches only a module literally named so.
 
-This module lives in `quant/` because `quant` is the bottom layer (quant <- kernels <- lora)
+This module lives in `quant/` because `quant` is the bottom layer (quant <- loralab_kernels <- lora)
 and `quantize_model` needs it; it imports nothing but torch and `re`.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ nested_blocksize, quant_type, shape`. Each op has a fake (shape and dtype only) 
 `linear_4bit`'s autograd formula calls `linear_4bit_grad_input` (W is frozen: no gradient
 for it). The plain PyTorch code here is every op's default kernel and the reference. Each
 backend registers kernels for its device where it lives: the C loop for "cpu" in
-quant/cpu_backend.py, Triton for "cuda" in kernels/dispatch.py. `quant.force_backend`
+quant/cpu_backend.py, Triton for "cuda" in loralab_kernels/dispatch.py. `quant.force_backend`
 (quant/backend.py) forces one of them.
 
 The public wrappers `dequantize_4bit` and `linear_4bit` validate the state

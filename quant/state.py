@@ -24,7 +24,7 @@ store it) and `QuantState.from_dict()` reads it back.
 
 `QuantState.validate(packed)` is the one check that every reader of the format runs
 before touching memory (the PyTorch path, the C loop of `quant.native`, the Triton
-launchers of `kernels/`): a state read from a file or edited by hand can hold any
+launchers of `loralab_kernels/`): a state read from a file or edited by hand can hold any
 value, and the C and Triton kernels index raw memory with these lengths.
 """
 from __future__ import annotations

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-import kernels
 import lora.qlora  # noqa: F401  (registers QLoRALinear for LinearNF4 bases)
+import loralab_kernels
 from lora import (
     LoRAConfig,
     LoRALinear,
@@ -249,19 +249,19 @@ CASES = {
     "linear_nf4_input_shape": (lambda t: LinearNF4(64, 4)(torch.randn(2, 63)), ValueError, r"x must have last dimension in_features=64"),
     "quantize_model_nothing": (lambda t: quantize_model(Net(), target_modules=["attn"]), ValueError, r"target_modules=\['attn'\] matched no nn.Linear"),
     # ----- kernels (launchers, CPU tensors under the Triton interpreter) -----
-    "kernel_dequant_non_contiguous": (lambda t: kernels.dequantize_nf4(*non_contiguous_packed()), ValueError, r"packed must be contiguous"),
-    "kernel_dequant_size_mismatch": (lambda t: kernels.dequantize_nf4(quantized()[0][:-2], quantized()[1]), ValueError, r"packed has \d+ bytes but state.shape"),
-    "kernel_dequant_packed_dtype": (lambda t: kernels.dequantize_nf4(quantized()[0].to(torch.int16), quantized()[1]), TypeError, r"packed must be uint8"),
-    "kernel_dequant_state_type": (lambda t: kernels.dequantize_nf4(quantized()[0], None), TypeError, r"state must be a quant.QuantState"),
-    "kernel_matmul_x_int": (lambda t: kernels.nf4_matmul(kernel_x().to(torch.int32), *quantized()), TypeError, r"x must have dtype in"),
-    "kernel_matmul_x_shape": (lambda t: kernels.nf4_matmul(kernel_x((3, 32)), *quantized()), ValueError, r"x must have last dimension 64"),
-    "kernel_matmul_x_strided": (lambda t: kernels.nf4_matmul(kernel_x((64, 3)).t(), *quantized()), ValueError, r"x must have unit stride in its last dimension"),
-    "kernel_matmul_bias_shape": (lambda t: kernels.nf4_matmul(kernel_x(), *quantized(), bias=torch.zeros(15)), ValueError, r"bias must have shape \(16,\)"),
-    "kernel_matmul_bias_strided": (lambda t: kernels.nf4_matmul(kernel_x(), *quantized(), bias=torch.zeros(32)[::2]), ValueError, r"bias must be contiguous"),
-    "kernel_matmul_in_features": (lambda t: kernels.nf4_matmul(kernel_x((3, 48)), *quantized((16, 48), blocksize=32)), ValueError, r"in_features \(state.shape\[1\] = 48\) must be a multiple"),
-    "kernel_matmul_state_1d": (lambda t: kernels.nf4_matmul(kernel_x(), *quantized((1024,))), ValueError, r"state.shape must be 2-D"),
-    "kernel_grad_dtype": (lambda t: kernels.nf4_matmul_grad_input(kernel_x((3, 16), torch.float64), *quantized()), TypeError, r"grad_y must have dtype in"),
-    "kernel_grad_strided": (lambda t: kernels.nf4_matmul_grad_input(kernel_x((16, 3)).t(), *quantized()), ValueError, r"grad_y must have unit stride"),
+    "kernel_dequant_non_contiguous": (lambda t: loralab_kernels.dequantize_nf4(*non_contiguous_packed()), ValueError, r"packed must be contiguous"),
+    "kernel_dequant_size_mismatch": (lambda t: loralab_kernels.dequantize_nf4(quantized()[0][:-2], quantized()[1]), ValueError, r"packed has \d+ bytes but state.shape"),
+    "kernel_dequant_packed_dtype": (lambda t: loralab_kernels.dequantize_nf4(quantized()[0].to(torch.int16), quantized()[1]), TypeError, r"packed must be uint8"),
+    "kernel_dequant_state_type": (lambda t: loralab_kernels.dequantize_nf4(quantized()[0], None), TypeError, r"state must be a quant.QuantState"),
+    "kernel_matmul_x_int": (lambda t: loralab_kernels.nf4_matmul(kernel_x().to(torch.int32), *quantized()), TypeError, r"x must have dtype in"),
+    "kernel_matmul_x_shape": (lambda t: loralab_kernels.nf4_matmul(kernel_x((3, 32)), *quantized()), ValueError, r"x must have last dimension 64"),
+    "kernel_matmul_x_strided": (lambda t: loralab_kernels.nf4_matmul(kernel_x((64, 3)).t(), *quantized()), ValueError, r"x must have unit stride in its last dimension"),
+    "kernel_matmul_bias_shape": (lambda t: loralab_kernels.nf4_matmul(kernel_x(), *quantized(), bias=torch.zeros(15)), ValueError, r"bias must have shape \(16,\)"),
+    "kernel_matmul_bias_strided": (lambda t: loralab_kernels.nf4_matmul(kernel_x(), *quantized(), bias=torch.zeros(32)[::2]), ValueError, r"bias must be contiguous"),
+    "kernel_matmul_in_features": (lambda t: loralab_kernels.nf4_matmul(kernel_x((3, 48)), *quantized((16, 48), blocksize=32)), ValueError, r"in_features \(state.shape\[1\] = 48\) must be a multiple"),
+    "kernel_matmul_state_1d": (lambda t: loralab_kernels.nf4_matmul(kernel_x(), *quantized((1024,))), ValueError, r"state.shape must be 2-D"),
+    "kernel_grad_dtype": (lambda t: loralab_kernels.nf4_matmul_grad_input(kernel_x((3, 16), torch.float64), *quantized()), TypeError, r"grad_y must have dtype in"),
+    "kernel_grad_strided": (lambda t: loralab_kernels.nf4_matmul_grad_input(kernel_x((16, 3)).t(), *quantized()), ValueError, r"grad_y must have unit stride"),
     # ----- memory estimator -----
     "memory_unknown_preset": (lambda t: estimate("gpt-17"), ValueError, r"model_or_config: unknown preset 'gpt-17'"),
     "memory_method": (lambda t: estimate("smollm2-135m", method="dora"), ValueError, r"method must be one of"),
@@ -304,9 +304,9 @@ def test_good_twins_pass(tmp_path):
     net = Net()
     assert load_adapter(net, d) == ["fc1", "fc2"]
     packed, state = quantized()
-    torch.testing.assert_close(kernels.dequantize_nf4(packed, state), dequantize_4bit(packed, state))
+    torch.testing.assert_close(loralab_kernels.dequantize_nf4(packed, state), dequantize_4bit(packed, state))
     x = kernel_x()
-    torch.testing.assert_close(kernels.nf4_matmul(x, packed, state), x @ dequantize_4bit(packed, state).T,
+    torch.testing.assert_close(loralab_kernels.nf4_matmul(x, packed, state), x @ dequantize_4bit(packed, state).T,
                                atol=1e-4, rtol=1e-4)
     assert estimate("smollm2-135m").total > 0
     layer = LoRALinear(4, 4)

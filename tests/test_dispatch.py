@@ -4,9 +4,9 @@ with the same numbers."""
 import pytest
 import torch
 
-import kernels
-import kernels.grad
-import kernels.matmul
+import loralab_kernels
+import loralab_kernels.grad
+import loralab_kernels.matmul
 from lora import LoRAConfig, QLoRALinear, apply_lora
 from quant import LinearNF4, force_backend
 
@@ -26,7 +26,7 @@ def _run(layer, x, backend):
 
 def _count_launches(monkeypatch):
     calls = []
-    for module, name in ((kernels.matmul, "matmul_4bit"), (kernels.grad, "matmul_4bit_grad_input")):
+    for module, name in ((loralab_kernels.matmul, "matmul_4bit"), (loralab_kernels.grad, "matmul_4bit_grad_input")):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     return calls

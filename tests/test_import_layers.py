@@ -1,6 +1,6 @@
 """Imports point one way: no cycle between the modules of `lora/` (counting imports inside
 functions too: a deferred import hides a cycle, it does not remove it), and the helpers
-`quant/` shares with `lora/` import nothing from `lora/` or `kernels/`."""
+`quant/` shares with `lora/` import nothing from `lora/` or `loralab_kernels/`."""
 import ast
 import subprocess
 import sys
@@ -121,8 +121,8 @@ def test_no_import_time_cycle_in_lora():
 
 def test_quant_helpers_import_nothing_above_quant():
     """`quant.module_paths` (matcher, setter) is used by lora/ and by quantize_model; it must
-    load without lora/ or kernels/ (layering quant <- kernels <- lora)."""
+    load without lora/ or loralab_kernels/ (layering quant <- loralab_kernels <- lora)."""
     code = ("import sys; import quant.module_paths, quant.linear; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lora', 'kernels')); "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('lora', 'loralab_kernels')); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

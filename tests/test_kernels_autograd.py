@@ -1,4 +1,4 @@
-"""`kernels.linear_4bit`: forward and backward through the Triton kernels against float64
+"""`loralab_kernels.linear_4bit`: forward and backward through the Triton kernels against float64
 autograd over the reference weight, and the run-time choice of backend."""
 import subprocess
 import sys
@@ -8,9 +8,9 @@ import torch
 
 pytest.importorskip("triton")
 
-import kernels  # noqa: E402
-import kernels.matmul  # noqa: E402
-from kernels import ENV_VAR, linear_4bit, select_backend, triton_available  # noqa: E402
+import loralab_kernels  # noqa: E402
+import loralab_kernels.matmul  # noqa: E402
+from loralab_kernels import ENV_VAR, linear_4bit, select_backend, triton_available  # noqa: E402
 from quant import dequantize_4bit, quantize_4bit  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}  # max error / max |reference|
@@ -84,8 +84,8 @@ def test_env_var_routes_linear_4bit(monkeypatch):
     packed, state = quantize_4bit(torch.randn(24, 64))
     x = torch.randn(3, 64)
     calls = []
-    original = kernels.matmul.matmul_4bit
-    monkeypatch.setattr(kernels.matmul, "matmul_4bit", lambda *a: calls.append(1) or original(*a))
+    original = loralab_kernels.matmul.matmul_4bit
+    monkeypatch.setattr(loralab_kernels.matmul, "matmul_4bit", lambda *a: calls.append(1) or original(*a))
     monkeypatch.setenv(ENV_VAR, "torch")
     linear_4bit(x, packed, state)
     assert calls == []
@@ -98,8 +98,8 @@ def test_auto_falls_back_for_unsupported_layers(monkeypatch):
     """in_features not a multiple of the blocksize: `auto` uses PyTorch, a forced `triton` raises."""
     packed, state = quantize_4bit(torch.randn(8, 96), blocksize=64)
     x = torch.randn(2, 96)
-    assert not kernels.dispatch.supports(x, [8, 96], 64, None)
-    assert kernels.dispatch.supports(x, [8, 128], 64, None)
+    assert not loralab_kernels.dispatch.supports(x, [8, 96], 64, None)
+    assert loralab_kernels.dispatch.supports(x, [8, 128], 64, None)
     want = x @ dequantize_4bit(packed, state, dtype=torch.float32).T
     torch.testing.assert_close(linear_4bit(x, packed, state), want)  # auto (variable unset)
     monkeypatch.setenv(ENV_VAR, "triton")
@@ -109,23 +109,23 @@ def test_auto_falls_back_for_unsupported_layers(monkeypatch):
 
 def test_triton_available_without_triton(monkeypatch):
     assert triton_available() is True  # the interpreter is on in this test run
-    monkeypatch.setattr(kernels._backend, "_triton_importable", lambda: False)
+    monkeypatch.setattr(loralab_kernels._backend, "_triton_importable", lambda: False)
     assert triton_available() is False
     assert select_backend(torch.randn(1)) == "torch"
     with pytest.raises(RuntimeError, match="triton does not import"):
         select_backend(torch.randn(1), backend="triton")
-    monkeypatch.setattr(kernels.dispatch, "_triton_importable", lambda: False)
+    monkeypatch.setattr(loralab_kernels.dispatch, "_triton_importable", lambda: False)
     packed, state = quantize_4bit(torch.randn(8, 64))
     with pytest.raises(RuntimeError, match="triton does not import"):
         linear_4bit(torch.randn(2, 64), packed, state, backend="triton")
 
 
 def test_package_imports_without_triton():
-    """`import kernels` and `triton_available()` must work on a machine without Triton."""
+    """`import loralab_kernels` and `triton_available()` must work on a machine without Triton."""
     code = ("import sys; sys.modules['triton'] = None\n"
-            "import kernels\n"
-            "assert kernels.triton_available() is False\n"
-            "import torch; assert kernels.select_backend(torch.zeros(1)) == 'torch'\n")
+            "import loralab_kernels\n"
+            "assert loralab_kernels.triton_available() is False\n"
+            "import torch; assert loralab_kernels.select_backend(torch.zeros(1)) == 'torch'\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -133,5 +133,5 @@ def test_bitsandbytes_imports_beside_kernels():
     """bitsandbytes tries `from kernels import get_kernel` (a Hugging Face package of the
     same name) on some CPUs, inside a try/except; our package must not break it."""
     bnb = pytest.importorskip("bitsandbytes")
-    assert kernels.triton_available() in (True, False)
+    assert loralab_kernels.triton_available() in (True, False)
     assert hasattr(bnb, "functional")

@@ -1,5 +1,5 @@
 """`benchmarks/gpu_check.py` (the script for a lent GPU) dry-runs on the CPU: the CUDA tests
-skip, and `benchmarks/kernels.py --smoke` runs its whole code path under the interpreter and
+skip, and `benchmarks/kernel_speed.py --smoke` runs its whole code path under the interpreter and
 writes its CSV, plot and chosen tiles."""
 import csv
 import os

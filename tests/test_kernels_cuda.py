@@ -12,10 +12,10 @@ pytestmark = [pytest.mark.cuda,
 
 triton = pytest.importorskip("triton")
 
-import kernels  # noqa: E402
-from kernels import dequantize_4bit as triton_dequantize  # noqa: E402
-from kernels import linear_4bit, matmul_4bit, matmul_4bit_grad_input  # noqa: E402
-from kernels.tuning import TileConfig, pin_config  # noqa: E402
+import loralab_kernels  # noqa: E402
+from loralab_kernels import dequantize_4bit as triton_dequantize  # noqa: E402
+from loralab_kernels import linear_4bit, matmul_4bit, matmul_4bit_grad_input  # noqa: E402
+from loralab_kernels.tuning import TileConfig, pin_config  # noqa: E402
 from quant import dequantize_4bit, quantize_4bit  # noqa: E402
 
 DTYPES = [torch.bfloat16, torch.float16]
@@ -84,19 +84,19 @@ def test_autotuned_path(m):
 
 
 def test_autograd_and_auto_dispatch(pinned, monkeypatch):
-    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    monkeypatch.delenv(loralab_kernels.ENV_VAR, raising=False)
     packed, state, w = _weight(768, 1024)
     x = torch.randn(4, 300, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     b = torch.zeros(768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    assert kernels.select_backend(x) == "triton" and kernels.triton_available()
+    assert loralab_kernels.select_backend(x) == "triton" and loralab_kernels.triton_available()
     y = linear_4bit(x, packed, state, b)
     gy = torch.randn_like(y)
     y.backward(gy)
     _close(y.detach(), x.detach().double() @ w.T, torch.bfloat16)
     _close(x.grad, gy.double() @ w, torch.bfloat16)
     _close(b.grad, gy.double().sum((0, 1)), torch.bfloat16)
-    monkeypatch.setenv(kernels.ENV_VAR, "torch")
-    assert kernels.select_backend(x) == "torch"
+    monkeypatch.setenv(loralab_kernels.ENV_VAR, "torch")
+    assert loralab_kernels.select_backend(x) == "torch"
 
 
 def test_large_weight_gemv(pinned):
@@ -117,7 +117,7 @@ OPCHECK_STATES = [  # (shape (N, K), quant_type, blocksize, double_quant, dtype,
 @pytest.mark.parametrize("case", OPCHECK_STATES, ids=lambda c: f"{c[1]}-{c[0][0]}x{c[0][1]}")
 def test_opcheck_cuda_kernels(pinned, case, backend):
     """torch.library.opcheck of every `loralab` op on CUDA tensors (the Triton kernels
-    registered by `kernels`), forced to each backend that runs on CUDA."""
+    registered by `loralab_kernels`), forced to each backend that runs on CUDA."""
     from quant import force_backend
     from quant.ops import DEQUANTIZE, DEQUANTIZE_INTO, GRAD_INPUT, LINEAR, state_args
 

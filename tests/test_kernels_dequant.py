@@ -1,4 +1,4 @@
-"""`kernels.dequantize_4bit` against the pure-PyTorch reference `quant.dequantize_4bit`.
+"""`loralab_kernels.dequantize_4bit` against the pure-PyTorch reference `quant.dequantize_4bit`.
 
 Runs under TRITON_INTERPRET=1 on the CPU (tests/conftest.py sets it when there is no CUDA).
 """
@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import dequantize_4bit as triton_dequantize  # noqa: E402
-from kernels.tuning import TileConfig, pin_config  # noqa: E402
+from loralab_kernels import dequantize_4bit as triton_dequantize  # noqa: E402
+from loralab_kernels.tuning import TileConfig, pin_config  # noqa: E402
 from quant import dequantize_4bit, quantize_4bit  # noqa: E402
 
 # The interpreter casts float32 -> bfloat16 by truncation, the reference rounds to nearest:

@@ -1,4 +1,4 @@
-"""`kernels.matmul_4bit` (GEMV and GEMM paths) and `kernels.matmul_4bit_grad_input` against
+"""`loralab_kernels.matmul_4bit` (GEMV and GEMM paths) and `loralab_kernels.matmul_4bit_grad_input` against
 dense float64 math over the reference weight `quant.dequantize_4bit`.
 
 Under TRITON_INTERPRET=1 `tl.dot` on bf16 is broken, so the kernels multiply bf16 in float32
@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import matmul_4bit, matmul_4bit_grad_input  # noqa: E402
-from kernels.tuning import TileConfig, pin_config, pinned_config  # noqa: E402
+from loralab_kernels import matmul_4bit, matmul_4bit_grad_input  # noqa: E402
+from loralab_kernels.tuning import TileConfig, pin_config, pinned_config  # noqa: E402
 from quant import dequantize_4bit, quantize_4bit  # noqa: E402
 
 # Max error relative to the largest |output|: the kernels round the weight tile to the

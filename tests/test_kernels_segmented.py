@@ -1,4 +1,4 @@
-"""Segmented LoRA kernels (kernels/segmented.py) under TRITON_INTERPRET=1 against dense float64
+"""Segmented LoRA kernels (loralab_kernels/segmented.py) under TRITON_INTERPRET=1 against dense float64
 math: odd shapes, empty segments, one row per adapter, all rows on one adapter, skipped
 ("__base__") segments, ranks padded to the largest, fp16/bf16/fp32; and the mixed-batch
 layer path through them.
@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.segmented import (  # noqa: E402
+from loralab_kernels.segmented import (  # noqa: E402
     gather_expand,
     gather_shrink,
     segmented_expand,
@@ -143,9 +143,9 @@ def test_mixed_batch_layer_through_kernels(monkeypatch):
     """`use_adapters` on a LoRALinear with the Triton backend forced (CPU, interpreter): the
     kernel path (gather for 1-token rows, segmented for 20-token rows) equals the PyTorch
     segments within the bound above (float32: K = 40, R = 6)."""
-    from kernels import segmented
     from lora import LoRALinear
     from lora.mixed_batch import BASE, use_adapters
+    from loralab_kernels import segmented
     from quant import force_backend
 
     calls = []
@@ -204,9 +204,9 @@ def test_segmented_lora_gradients_match_pytorch_segments(monkeypatch):
     B. float32, both within (K + R + 2) eps32 * bound of the exact values (module docstring),
     the gradients being sums of the same kind of products (over at most 20 tokens or 24
     outputs, plus the R terms): 2 (20 + 24 + R) eps32 relative to their largest entry, < 1e-5."""
-    from kernels import segmented
     from lora import LoRALinear
     from lora.mixed_batch import BASE, use_adapters
+    from loralab_kernels import segmented
     from quant import force_backend
 
     calls = []

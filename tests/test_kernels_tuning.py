@@ -6,8 +6,8 @@ import torch
 pytest.importorskip("triton")
 import triton.testing  # noqa: E402
 
-from kernels import matmul_4bit, matmul_4bit_grad_input, tuning  # noqa: E402
-from kernels.tuning import KINDS, TileConfig, candidate_configs, pick_config, pin_config  # noqa: E402
+from loralab_kernels import matmul_4bit, matmul_4bit_grad_input, tuning  # noqa: E402
+from loralab_kernels.tuning import KINDS, TileConfig, candidate_configs, pick_config, pin_config  # noqa: E402
 from quant import dequantize_4bit, quantize_4bit  # noqa: E402
 
 

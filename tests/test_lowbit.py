@@ -120,8 +120,8 @@ def test_triton_interpreter_gives_the_pytorch_bits(qt):
     """float32 dequantize must match exactly (same product code[q] * absmax); the fused matmul
     accumulates in fp32 in another order: 1e-5 relative on a K = 64 dot product of O(1) terms."""
     pytest.importorskip("triton")
-    from kernels import dequantize_4bit as triton_dequantize
-    from kernels import matmul_4bit
+    from loralab_kernels import dequantize_4bit as triton_dequantize
+    from loralab_kernels import matmul_4bit
 
     packed, state = quantize_4bit(_weight((32, 64), seed=2), qt, 32, True)
     want = dequantize_4bit(packed, state, torch.float32)

@@ -87,16 +87,16 @@ mods = ("quant", "quant.linear", "quant.ops", "quant.blockwise", "quant.backend"
 def snapshot():
     return {m: {k: id(v) for k, v in vars(sys.modules[m]).items()} for m in mods}
 before, dicts = registry(), snapshot()
-import kernels
+import loralab_kernels
 after = registry()
 print(json.dumps({"before": before, "after": after, "patched": dicts != snapshot(),
-                  "kernels_in_quant": [m for m in mods if "kernels" in vars(sys.modules[m])]}))
+                  "kernels_in_quant": [m for m in mods if "loralab_kernels" in vars(sys.modules[m])]}))
 '''
 
 
 def test_quant_alone_has_no_cuda_kernel_and_kernels_registers_one_without_patching():
     """Fresh process: `import quant` gives CPU kernels (and the PyTorch default elsewhere);
-    `import kernels` adds the CUDA kernels through the dispatcher and changes no quant module."""
+    `import loralab_kernels` adds the CUDA kernels through the dispatcher and changes no quant module."""
     code = REGISTRY % repr(list(OP_NAMES))
     env_out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                              timeout=300, env={**__import__("os").environ, "TRITON_INTERPRET": "0"})
@@ -109,7 +109,7 @@ def test_quant_alone_has_no_cuda_kernel_and_kernels_registers_one_without_patchi
 
 
 def test_cuda_kernels_are_registered_here():
-    import kernels  # noqa: F401
+    import loralab_kernels  # noqa: F401
 
     for name in OP_NAMES:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
@@ -117,12 +117,12 @@ def test_cuda_kernels_are_registered_here():
 
 def test_force_backend_routes_to_triton_and_back(monkeypatch):
     pytest.importorskip("triton")
-    import kernels
-    import kernels.matmul
+    import loralab_kernels
+    import loralab_kernels.matmul
 
     calls = []
-    original = kernels.matmul.matmul_4bit
-    monkeypatch.setattr(kernels.matmul, "matmul_4bit", lambda *a: calls.append(1) or original(*a))
+    original = loralab_kernels.matmul.matmul_4bit
+    monkeypatch.setattr(loralab_kernels.matmul, "matmul_4bit", lambda *a: calls.append(1) or original(*a))
     packed, state, x, b = _inputs((24, 64), "nf4", 64, True, torch.float32, True)
     y_auto = quant.linear_4bit(x, packed, state, b)
     assert calls == []  # CPU tensors: quant's CPU kernel
@@ -187,12 +187,12 @@ def test_export_traces_the_layer_to_one_op():
 
 
 def test_names():
-    import kernels
+    import loralab_kernels
 
     assert quant.LinearNF4 is quant.Linear4bit
     with pytest.warns(DeprecationWarning, match="dequantize_4bit"):
-        kernels.dequantize_nf4(*quantize_4bit(torch.randn(8, 64)))
-    assert not hasattr(quant, "NF4LinearFunction") and not hasattr(kernels, "NF4LinearFunction")
+        loralab_kernels.dequantize_nf4(*quantize_4bit(torch.randn(8, 64)))
+    assert not hasattr(quant, "NF4LinearFunction") and not hasattr(loralab_kernels, "NF4LinearFunction")
 
 
 def test_eager_cpu_dequantize_skips_the_dispatcher_only_where_nothing_watches():

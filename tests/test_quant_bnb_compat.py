@@ -1,10 +1,11 @@
 """Bit-for-bit compatibility with bitsandbytes' 4-bit format (its quantize/dequantize run on CPU)."""
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 
-import kernels  # noqa: F401  # this project's `kernels` must not break `import bitsandbytes`
+import loralab_kernels  # noqa: F401  # loaded first: it must not break `import bitsandbytes`
 from quant import dequantize_4bit, quantize_4bit
 from quant.compat import from_bitsandbytes, to_bitsandbytes
 
@@ -23,9 +24,16 @@ CASES = [
 
 
 def test_import_bitsandbytes_next_to_project_kernels():
-    import sys
+    """No module of this project takes the top-level name `kernels`: that is Hugging Face's
+    package, which bitsandbytes tries and transformers requires, and a module of ours under
+    that name would be imported in its place."""
+    import importlib.util
 
-    assert sys.modules["kernels"].__file__.endswith(("kernels/__init__.py", "kernels\\__init__.py"))
+    root = Path(loralab_kernels.__file__).resolve().parents[1]
+    for folder in (root, root / "benchmarks", root / "examples", root / "tests"):  # script folders
+        assert not (folder / "kernels").exists() and not (folder / "kernels.py").exists(), folder
+    spec = importlib.util.find_spec("kernels")  # installed: Hugging Face's, in site-packages
+    assert spec is None or {"site-packages", "dist-packages"} & set(Path(spec.origin).parts), spec
     assert callable(bnbf.quantize_4bit)
 
 

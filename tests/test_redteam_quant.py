@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
+import loralab_kernels
 from quant import LinearNF4, QuantState, dequantize_4bit, native, quantize_4bit
 from quant.blockwise import (
     dequantize_blockwise_8bit,
@@ -378,8 +378,8 @@ def test_every_reader_runs_the_same_check(case):
     packed, state = _state(double_quant)
     bad = tamper(state)
     readers = [lambda: unpack_codes(packed, bad), lambda: state_absmax(bad),
-               lambda: kernels.dequantize_nf4(packed, bad),
-               lambda: kernels.nf4_linear(torch.randn(2, 6400), packed, bad),
+               lambda: loralab_kernels.dequantize_nf4(packed, bad),
+               lambda: loralab_kernels.nf4_linear(torch.randn(2, 6400), packed, bad),
                lambda: QuantState.from_dict(bad.to_dict())]
     if native.available():
         readers.append(lambda: native.dequantize_blocks(packed, bad, torch.empty(32000), 500))
@@ -561,7 +561,7 @@ BLOCKWISE_8BIT = {
     "unpack_numel_float": (lambda: unpack_nibbles(torch.zeros(2, dtype=torch.uint8), 3.0), ValueError, "numel"),
     "quantize_4bit_double_quant_str": (lambda: quantize_4bit(torch.randn(64), double_quant="no"), TypeError,
                                        "double_quant"),
-    "nf4_linear_blocksize_0": (lambda: kernels.nf4_linear(
+    "nf4_linear_blocksize_0": (lambda: loralab_kernels.nf4_linear(
         torch.randn(2, 64), *(lambda p, s: (p, dataclasses.replace(s, blocksize=0)))(*_state(True, (8, 64)))),
         ValueError, "state.blocksize"),
 }

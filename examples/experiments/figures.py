@@ -7,7 +7,7 @@
   QLoRA, from `lora.memory.estimate` (chapter 1);
 * roofline.png: the analytic roofline of a GEMV/GEMM on an H200 (4.3 TB/s copy, 790 TFLOP/s
   bf16 matmul, measured on the H200 lent to this project in 2026-11) for bf16 weights,
-  fused NF4 and dequantize-then-matmul; the points measured by `benchmarks/kernels.py` are
+  fused NF4 and dequantize-then-matmul; the points measured by `benchmarks/kernel_speed.py` are
   drawn on top when benchmarks/results/kernels.csv exists (`make gpu-check` on a GPU).
 Writes the PNGs and figures.csv (the numbers behind them) to docs/figures/.
 """

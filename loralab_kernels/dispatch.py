@@ -1,6 +1,6 @@
 """The Triton kernels as the "cuda" kernels of the `loralab` 4-bit ops (quant/ops.py).
 
-Registered at `import kernels` with `torch.library.register_kernel`: after that, every
+Registered at `import loralab_kernels` with `torch.library.register_kernel`: after that, every
 `quant.Linear4bit` (so every `QLoRALinear`) and `quant.dequantize_4bit` call on CUDA
 tensors reaches Triton through the dispatcher; nothing in `quant` is patched. Under the
 Triton interpreter (`TRITON_INTERPRET=1`, the CPU test runs) quant's CPU kernels hand a

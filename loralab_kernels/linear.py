@@ -1,7 +1,7 @@
 """`linear_4bit`: the differentiable 4-bit layer call, with an optional per-call backend.
 
 It is `quant.linear_4bit` (one call of the `loralab::linear_4bit` op, whose "cuda" kernel
-is Triton once `kernels` is imported, see kernels/dispatch.py) inside a
+is Triton once `loralab_kernels` is imported, see loralab_kernels/dispatch.py) inside a
 `quant.force_backend(backend)` block when `backend` is given. The autograd formula is the
 op's (quant/ops.py): dL/dx = g W through `loralab::linear_4bit_grad_input`, dL/db = sum_m g[m].
 """

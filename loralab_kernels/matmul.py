@@ -232,7 +232,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     Returns:
         (..., N) tensor of x's dtype, accumulated in float32. This is the no-grad launcher
         (the "cuda" kernel of `loralab::linear_4bit`): for autograd call
-        `quant.linear_4bit` / `kernels.linear_4bit`, whose backward runs `matmul_4bit_grad_input`.
+        `quant.linear_4bit` / `loralab_kernels.linear_4bit`, whose backward runs `matmul_4bit_grad_input`.
     """
     packed, n, k = check_weight_2d(packed, state)
     check_activation(x, "x", packed, k)

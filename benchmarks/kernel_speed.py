@@ -1,7 +1,7 @@
 """Triton NF4 kernels against bf16 `torch.matmul`, measured in the same run.
 
-    PYTHONPATH=. python benchmarks/kernels.py --out benchmarks/results      # on a CUDA GPU
-    PYTHONPATH=. TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke     # code path on CPU (results/smoke)
+    PYTHONPATH=. python benchmarks/kernel_speed.py --out benchmarks/results      # on a CUDA GPU
+    PYTHONPATH=. TRITON_INTERPRET=1 python benchmarks/kernel_speed.py --smoke     # code path on CPU (results/smoke)
 
 Measures (CUDA events via `triton.testing.do_bench`; each call reads the next of several
 copies of the weights, so that they do not sit in L2):
@@ -124,7 +124,7 @@ def bench_copy(b: Bench) -> float:
 
 
 def bench_dequant(b: Bench, n: int, k: int, weights, copy_gbs: float) -> None:
-    from kernels import dequantize_4bit as triton_dequantize
+    from loralab_kernels import dequantize_4bit as triton_dequantize
 
     nxt = cycler(weights)
     ms = b.time_ms(lambda: triton_dequantize(*nxt(), torch.bfloat16))
@@ -140,8 +140,8 @@ def bench_dequant(b: Bench, n: int, k: int, weights, copy_gbs: float) -> None:
 
 def _matmul_peers(b: Bench, n: int, k: int, m: int, weights, w_bf16):
     """Timings (ms) of ours, bf16 matmul and dequantize-then-matmul at one M."""
-    from kernels import dequantize_4bit as triton_dequantize
-    from kernels import matmul_4bit
+    from loralab_kernels import dequantize_4bit as triton_dequantize
+    from loralab_kernels import matmul_4bit
 
     x = torch.randn(m, k, device=b.device, dtype=torch.bfloat16)
     nxt = cycler(weights)
@@ -200,8 +200,8 @@ class DequantThenMatmul(torch.autograd.Function):
 
 
 def bench_qlora(b: Bench, n: int, k: int, weights) -> None:
-    from kernels import dequantize_4bit as triton_dequantize
-    from kernels import linear_4bit
+    from loralab_kernels import dequantize_4bit as triton_dequantize
+    from loralab_kernels import linear_4bit
     from quant import dequantize_4bit
 
     def one():
@@ -352,7 +352,7 @@ def main(argv=None) -> int:
     print(f"wrote {len(b.rows)} rows to {csv_path}")
     if b.rows:
         b.run("plot", lambda: plot(b.rows, cfg.out / "kernels.png"))
-    from kernels.tuning import chosen_configs
+    from loralab_kernels.tuning import chosen_configs
 
     tuned = {" ".join(map(str, key)): vars(c) for key, c in chosen_configs().items()}
     write_text_atomic(cfg.out / "kernels_configs.json", json.dumps(tuned, indent=1))

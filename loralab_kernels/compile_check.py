@@ -4,8 +4,8 @@ The interpreter checks the numbers; this checks that the GPU compiler accepts th
 code (layouts of `tl.interleave`/`tl.reshape`, `tl.dot` shapes, shared memory) and reports
 what the machine code looks like: registers spilled to local memory and warp shuffles.
 
-    TRITON_INTERPRET=0 python -m kernels.compile_check            # Hopper (sm_90)
-    TRITON_INTERPRET=0 python -m kernels.compile_check --arch 80 --sass
+    TRITON_INTERPRET=0 python -m loralab_kernels.compile_check            # Hopper (sm_90)
+    TRITON_INTERPRET=0 python -m loralab_kernels.compile_check --arch 80 --sass
 
 Needs Triton's NVIDIA backend (the pip wheel ships `ptxas`); no GPU, no CUDA driver.
 """
@@ -31,7 +31,7 @@ def _arg_types(dq: bool, act: str, out: str) -> dict[str, str]:
 
 
 def _segmented_types(act: str, out: str) -> dict[str, str]:
-    """Argument types of the segmented LoRA kernels (kernels/segmented.py)."""
+    """Argument types of the segmented LoRA kernels (loralab_kernels/segmented.py)."""
     return {"x_ptr": f"*{act}", "a_ptr": f"*{act}", "b_ptr": f"*{act}", "h_ptr": "*fp32", "y_ptr": f"*{out}",
             "scale_ptr": "*fp32", "order_ptr": "*i64", "seg_start_ptr": "*i32", "seg_lora_ptr": "*i32",
             "row_lora_ptr": "*i32", "K": "i32", "N": "i32", "R": "i32", "stride_xm": "i32",
