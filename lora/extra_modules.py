@@ -234,18 +234,28 @@ def _plan_tokens(model: nn.Module, config: LoRAConfig, adapter_name: str, lora_t
     return tokens, _tied_heads(model, tokens, lora_targets, save)
 
 
-def _drop_tied_duplicates(model: nn.Module, tokens: list[tuple[str, list[int]]]) -> list[tuple[str, list[int]]]:
-    """A head named with the same ids as the embedding whose weight it holds is handled as tied
-    (PEFT's rule); with other ids it keeps its own rows."""
-    embedding_ids = {}
+def _embedding_weights(model: nn.Module, tokens: list[tuple[str, list[int]]]) -> dict[int, tuple[str, list[int]]]:
+    """id(weight) -> (path, ids) of each embedding in `tokens` (a head tied to it holds that weight)."""
+    found = {}
     for name, ids in tokens:
         module = model.get_submodule(name)
         base = module.base_layer if isinstance(module, TrainableTokens) else module
         if isinstance(base, nn.Embedding):
-            embedding_ids[id(base.weight)] = ids
-    return [(name, ids) for name, ids in tokens
-            if not (type(model.get_submodule(name)) is nn.Linear
-                    and embedding_ids.get(id(model.get_submodule(name).weight)) == ids)]
+            found[id(base.weight)] = (name, ids)
+    return found
+
+
+def _drop_tied_duplicates(model: nn.Module, tokens: list[tuple[str, list[int]]]) -> list[tuple[str, list[int]]]:
+    """A head named with the same ids as the embedding whose weight it holds is handled as tied
+    (PEFT's rule); with other ids it keeps its own rows."""
+    embeddings = _embedding_weights(model, tokens)
+    kept = []
+    for name, ids in tokens:
+        module = model.get_submodule(name)
+        tied = embeddings.get(id(module.weight)) if type(module) is nn.Linear else None
+        if tied is None or tied[1] != ids:
+            kept.append((name, ids))
+    return kept
 
 
 def _tied_heads(model: nn.Module, tokens: list[tuple[str, list[int]]], lora_targets: list[str],
@@ -253,12 +263,7 @@ def _tied_heads(model: nn.Module, tokens: list[tuple[str, list[int]]], lora_targ
     """(head path, embedding path) for each plain `nn.Linear` whose weight is the weight of an
     embedding getting trainable rows: it must see the same rows (else input and output
     embeddings silently disagree), so it is wrapped with `tied_to`."""
-    embeddings = {}
-    for name, _ in tokens:
-        module = model.get_submodule(name)
-        base = module.base_layer if isinstance(module, TrainableTokens) else module
-        if isinstance(base, nn.Embedding):
-            embeddings[id(base.weight)] = name
+    embeddings = {key: name for key, (name, _) in _embedding_weights(model, tokens).items()}
     own = {name for name, _ in tokens}
     out = []
     for name, module in _plain_candidates(model):
