@@ -5,7 +5,7 @@ by default) spread over n in {1, 4, 16, 64} adapters in a random order. Provider
 round-robin in the same run (median of `--repeat` rounds):
 
 - `single_adapter`: loralab `LoRALinear` with one active adapter (no mixed batch): the goal's baseline;
-- `loralab_mixed`: loralab with `use_adapters(layer, names)` (one sort, one low-rank product per adapter);
+- `loralab_mixed`: loralab with `use_adapters(layer, names)` (one sort, every adapter in two batched matmuls);
 - `peft_mixed`: PEFT's `lora.Linear` with the same adapters, `layer(x, adapter_names=names)`.
 
 Metrics: forward (no grad) and forward+backward (x and every adapter's A, B require grad) in
@@ -14,13 +14,13 @@ adapter; never slower than PEFT). Writes benchmarks/results/multi_adapter.csv an
 
     python benchmarks/multi_adapter.py             # d = 4096, 64 rows, 1/4/16/64 adapters
     python benchmarks/multi_adapter.py --quick     # d = 1024, fewer rounds (code path check)
+    python benchmarks/multi_adapter.py --threads 1 --clock cpu   # CPU time, for a busy shared machine
     PYTHONPATH=. python benchmarks/multi_adapter.py --gpu --out DIR   # CUDA: kernels vs loop vs PEFT
     TRITON_INTERPRET=1 python benchmarks/multi_adapter.py --gpu --quick --out /tmp/x   # its code path on CPU
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
@@ -41,19 +41,23 @@ GOALS = {"ratio_16_vs_single": 1.15, "ratio_vs_peft": 1.0}
 
 
 def build(d: int, n: int, r: int, dtype=torch.float32, device="cpu") -> dict[str, nn.Module]:
-    """loralab layer with n adapters, the one-adapter layer, and PEFT's layer with the same weights."""
+    """loralab layer with n adapters, the one-adapter layer, and PEFT's layer with the same weights.
+
+    All three wrap one shared frozen base layer: separate copies of a 64 MB weight differ in
+    matmul time by up to ~20% on a CPU depending on where their pages land (measured here: the
+    same addmm on three identical copies took 29, 31 and 35 ms, the order kept across runs),
+    which would swamp the LoRA part being compared."""
     torch.manual_seed(0)
     base = nn.Linear(d, d, device=device, dtype=dtype).requires_grad_(False)
-    ours = LoRALinear.from_linear(copy.deepcopy(base), r=r, alpha=2 * r, adapter_name="a0", dtype=dtype)
+    ours = LoRALinear.from_linear(base, r=r, alpha=2 * r, adapter_name="a0", dtype=dtype)
     for i in range(1, n):
         ours.add_adapter(f"a{i}", r=r, alpha=2 * r, dtype=dtype)
     with torch.no_grad():
         for i in range(n):
             ours.lora_B[f"a{i}"].weight.normal_(std=0.01)
     ours.set_adapter([f"a{i}" for i in range(n)])  # all trainable (fwd+bwd reaches every adapter)
-    single = LoRALinear.from_linear(copy.deepcopy(base), r=r, alpha=2 * r, adapter_name="a0", dtype=dtype)
-    single.load_state_dict({k: v for k, v in ours.state_dict().items() if ".a0." in k or "base_layer" in k},
-                           strict=False)
+    single = LoRALinear.from_linear(base, r=r, alpha=2 * r, adapter_name="a0", dtype=dtype)
+    single.load_state_dict({k: v for k, v in ours.state_dict().items() if ".a0." in k}, strict=False)
     providers = {"single_adapter": single, "loralab_mixed": ours}
     try:
         from peft import LoraConfig
@@ -62,7 +66,7 @@ def build(d: int, n: int, r: int, dtype=torch.float32, device="cpu") -> dict[str
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["x"], init_lora_weights=False)
-            theirs = PeftLinear(copy.deepcopy(base), "a0", cfg, r=r, lora_alpha=2 * r)
+            theirs = PeftLinear(base, "a0", cfg, r=r, lora_alpha=2 * r)
             for i in range(1, n):
                 theirs.update_layer(f"a{i}", r, 2 * r, cfg)
             theirs.to(device=device, dtype=dtype)
@@ -114,7 +118,13 @@ def step(name, module, x, names, backward: bool):
         p.grad = None
 
 
-def measure(d: int, rows: int, seq: int, counts, r: int, repeat: int) -> list[dict]:
+def measure(d: int, rows: int, seq: int, counts, r: int, repeat: int, clock: str = "wall") -> list[dict]:
+    """Rows of the CSV. `clock="cpu"`: CPU time of this process (`time.process_time`) instead of
+    wall time, which leaves out the time the process waits while other processes hold the cores
+    (on a shared machine); meaningful with one thread (`--threads 1`: with more, a thread
+    spinning while it waits for a descheduled sibling counts as busy)."""
+    tick = time.process_time if clock == "cpu" else time.perf_counter
+    tag = f",threads={torch.get_num_threads()},clock=cpu" if clock == "cpu" else ""
     out = []
     for n in tqdm(counts, desc="adapters"):
         providers = build(d, n, r)
@@ -127,11 +137,11 @@ def measure(d: int, rows: int, seq: int, counts, r: int, repeat: int) -> list[di
                 step(k, m, x, names, backward)
             for _ in range(repeat):  # round-robin: each round times every provider once
                 for k, m in providers.items():
-                    t0 = time.perf_counter()
+                    t0 = tick()
                     step(k, m, x, names, backward)
-                    times[k].append(time.perf_counter() - t0)
+                    times[k].append(tick() - t0)
             metric = "fwd_bwd_ms" if backward else "fwd_ms"
-            shape = f"d={d},rows={rows},seq={seq},r={r},adapters={n}"
+            shape = f"d={d},rows={rows},seq={seq},r={r}{tag},adapters={n}"
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             for k, v in med.items():
                 out.append(make_row(BENCH, k, shape, metric, v, "ms"))
@@ -166,7 +176,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     axes[0].set_ylabel("time / one adapter (same batch)")
     axes[0].legend()
     shape = rows[0]["shape"].split(",adapters")[0] if rows else ""
-    fig.suptitle(f"Mixed-adapter batch on one layer, CPU ({shape})")
+    fig.suptitle(f"Mixed-adapter batch on one layer, CPU ({shape})", fontsize=10)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -299,6 +309,9 @@ def main(argv=None) -> int:
     p.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--repeat", type=int, default=15)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: process CPU time (use with --threads 1 on a shared machine); writes "
+                        f"{BENCH}_cpu_clock.csv/.png")
     p.add_argument("--quick", action="store_true", help="d = 1024, 5 rounds, 1/4/16 adapters")
     p.add_argument("--gpu", action="store_true", help="the CUDA kernel section (see gpu_section)")
     p.add_argument("--budget-s", type=float, default=120.0, help="--gpu: time limit")
@@ -307,18 +320,19 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.gpu:
         return gpu_section(a.out, a.budget_s, smoke=a.quick)
-    csv = a.out / f"{BENCH}.csv"
+    name = BENCH if a.clock == "wall" else f"{BENCH}_cpu_clock"
+    csv = a.out / f"{name}.csv"
     if a.plot_only:
-        print(plot(read_rows(csv), a.out / f"{BENCH}.png"))
+        print(plot(read_rows(csv), a.out / f"{name}.png"))
         return 0
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.quick:
         a.d, a.repeat, a.adapters = 1024, 5, [1, 4, 16]
-    rows = measure(a.d, a.rows, a.seq, a.adapters, a.rank, a.repeat)
+    rows = measure(a.d, a.rows, a.seq, a.adapters, a.rank, a.repeat, a.clock)
     write_rows(csv, rows)
     summary(rows)
-    print(plot(rows, a.out / f"{BENCH}.png"))
+    print(plot(rows, a.out / f"{name}.png"))
     return 0
 
 

@@ -1,17 +1,21 @@
 """One adapter per batch row inside a LoRA layer: the row plan (one sort, segments), the
 per-segment low-rank products on the CPU or the segmented Triton kernels on CUDA, and the
 checks. The model-level API (`use_adapters`, `enable_adapter_names`) and the math are
-described in `lora/mixed_batch.py`; this module imports nothing from `lora`, so the layers
-can call it without an import cycle.
+described in `lora/mixed_batch.py`; this module imports only `lora/row_segments.py` (the
+batched PyTorch path, which imports nothing from `lora`), so the layers can call it without
+an import cycle.
 """
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .row_segments import ChunkLayout, SegmentedLoRAUpdate, add_update_, make_layout, stack_weights
 
 BASE = "__base__"  # the row name that means "no adapter" (PEFT's name)
 
@@ -28,6 +32,17 @@ class RowPlan:
     order: torch.Tensor
     segments: tuple[tuple[str, int, int], ...]
     contiguous: bool
+    _layouts: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def layout(self, names: list[str]) -> ChunkLayout:
+        """The batched-matmul chunks (`lora/row_segments.py`) of the segments of `names` (the
+        adapters a layer has, in segment order), cached: the layers of a model share them."""
+        key = tuple(names)
+        if key not in self._layouts:
+            index = {n: i for i, n in enumerate(names)}
+            segs = [(index[n], s, e) for n, s, e in self.segments if n in index and e > s]
+            self._layouts[key] = make_layout(self.order, segs, self.contiguous)
+        return self._layouts[key]
 
 
 @dataclass
@@ -126,6 +141,52 @@ def _segment_delta(layer, name: str, seg: torch.Tensor) -> torch.Tensor:
 def add_segments(layer, plan: RowPlan, x2d: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
     """`result` (N, out) plus every segment's delta at its tokens' rows; the PyTorch path.
 
+    `lora/row_segments.py` when the adapters are plain `nn.Linear` pairs of one float dtype
+    with no active dropout: two batched matmuls over cached weight stacks for inference, one
+    autograd.Function for training; otherwise one segment at a time through the adapters'
+    modules (`_loop_segments`)."""
+    present = [(n, s, e) for n, s, e in plan.segments if n in layer.r and e > s]  # others: base on this layer
+    if not present:
+        return result
+    names = [n for n, _, _ in present]
+    if not _batched_ok(layer, names, x2d):
+        return _loop_segments(layer, plan, x2d, result)
+    layout = plan.layout(names)
+    weights = [layer.lora_A[n].weight for n in names] + [layer.lora_B[n].weight for n in names]
+    dtype = weights[0].dtype
+    x2d = x2d.to(dtype)
+    scalings = [layer.scaling[n] for n in names]
+    in_place = layer._can_add_in_place(result)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x2d, result, *weights)):
+        return SegmentedLoRAUpdate.apply(x2d, result, layout, scalings, in_place, *weights)
+    scalings = torch.tensor(scalings, device=x2d.device, dtype=torch.float64 if dtype == torch.float64 else
+                            torch.float32)  # float32 for low-precision weights: s is not rounded to them
+    a_stack, b_stack = _stacks(layer, names, b_rows_last=False)
+    return add_update_(layout, x2d, result if in_place else result.clone(), a_stack, b_stack, scalings)
+
+
+def _batched_ok(layer, names: list[str], x2d: torch.Tensor) -> bool:
+    """Whether `row_segments` computes what the adapters' modules would: plain bias-free
+    `nn.Linear` A and B (no subclass or hook to skip) of one float dtype, no active dropout
+    (one mask per adapter), no autocast (it would pick the matmuls' dtype) and not under
+    the compiler (the plan's Python lists)."""
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled(x2d.device.type):
+        return False
+    dtypes = set()
+    for n in names:
+        A, B, drop = layer.lora_A[n], layer.lora_B[n], layer.lora_dropout[n]
+        for m in (A, B):
+            if type(m) is not nn.Linear or m.bias is not None or m._forward_hooks or m._forward_pre_hooks:
+                return False
+            dtypes.add(m.weight.dtype)
+        if not isinstance(drop, nn.Identity) and not (isinstance(drop, nn.Dropout) and (drop.p == 0 or not drop.training)):
+            return False
+    return len(dtypes) == 1 and dtypes <= {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+
+
+def _loop_segments(layer, plan: RowPlan, x2d: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    """One segment at a time through the adapters' own modules (dropout, hooks, autocast).
+
     When the base output may be updated in place (`_can_add_in_place`), each segment is
     gathered and added back on its own (small tensors, no (N, out) temporaries); otherwise the
     segments' deltas are concatenated and added with one out-of-place `index_add`."""
@@ -153,6 +214,8 @@ def _use_kernels(layer, x2d: torch.Tensor, result: torch.Tensor) -> bool:
     how the tests reach them); not with active dropout (the kernels have none)."""
     if torch.compiler.is_compiling():
         return False
+    if not x2d.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return False  # CPU tensors reach the kernels only under the interpreter (checked first: cheap)
     if layer.training and any(getattr(d, "p", 0) > 0 for d in layer.lora_dropout.values()):
         return False
     floats = (torch.float16, torch.bfloat16, torch.float32)
@@ -164,13 +227,13 @@ def _use_kernels(layer, x2d: torch.Tensor, result: torch.Tensor) -> bool:
     return triton_available() and select_backend(x2d) == "triton"
 
 
-_STACKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> (key, A stack, B stack, scalings)
+_STACKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> (key, A stack, B stack, weights)
 
 
-def _stacks(layer, names: list[str]):
+def _kernel_stacks(layer, names: list[str]):
     """The layer's A and B of `names`, stacked and zero-padded to the largest rank (kernels'
-    layout) with their scalings; for inference cached until a weight changes (in-place writes
-    bump `_version`, e.g. hot swap)."""
+    layout) with their float32 scalings; differentiable stacks built each call when a weight
+    needs a gradient, else `_stacks`' cached ones."""
     from loralab_kernels.segmented import stack_padded
 
     params = [(layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
@@ -179,15 +242,30 @@ def _stacks(layer, names: list[str]):
         s = torch.tensor([layer.scaling[n] for n in names], dtype=torch.float32, device=device)
         # training: differentiable stacks (gradients flow back to each A and B), built each call
         return stack_padded([p[0] for p in params], 0, dtype), stack_padded([p[1] for p in params], 1, dtype), s
+    a, b = _stacks(layer, names)
+    return a, b, torch.tensor([layer.scaling[n] for n in names], dtype=torch.float32, device=device)
+
+
+def _stacks(layer, names: list[str], b_rows_last: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's A (L, R, in) and B (L, out, R) of `names`, detached, zero-padded to the
+    largest rank, cached until a weight changes (in-place writes bump `_version`, e.g. an
+    optimizer step or hot swap; `.data =` changes the `data_ptr`; a replaced Parameter is
+    another object: the cache holds the weights it was built from and compares identity, as
+    a freed tensor's address and version can come back). `b_rows_last=False` stores B's
+    memory as (L, R, out), the faster operand of the CPU expand `h @ B^T`; the kernels need
+    the default (stride 1 along R)."""
+    params = tuple((layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names)
     key = (tuple(names), tuple((a.data_ptr(), a._version, b.data_ptr(), b._version) for a, b in params),
-           tuple(layer.scaling[n] for n in names))
+           b_rows_last)
     cached = _STACKS.get(layer)
-    if cached is None or cached[0] != key:
-        a = stack_padded([p[0].detach() for p in params], 0, dtype)  # (L, R, in)
-        b = stack_padded([p[1].detach() for p in params], 1, dtype)  # (L, out, R)
-        s = torch.tensor([layer.scaling[n] for n in names], dtype=torch.float32, device=a.device)
-        cached = _STACKS[layer] = (key, a, b, s)
-    return cached[1:]
+    if cached is None or cached[0] != key or any(p is not q for pair, old in zip(params, cached[3], strict=True)
+                                                 for p, q in zip(pair, old, strict=True)):
+        a = stack_weights([p[0].detach() for p in params], 0)  # (L, R, in)
+        b = stack_weights([p[1].detach() for p in params], 1)  # (L, out, R)
+        if not b_rows_last:
+            b = b.transpose(1, 2).contiguous().transpose(1, 2)  # (L, out, R) with (L, R, out) memory
+        cached = _STACKS[layer] = (key, a, b, params)
+    return cached[1], cached[2]
 
 
 def _kernel_segments(layer, plan: RowPlan, x2d: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -199,7 +277,7 @@ def _kernel_segments(layer, plan: RowPlan, x2d: torch.Tensor, result: torch.Tens
     if not names:
         return result
     index = {n: i for i, n in enumerate(names)}
-    a, b, s = _stacks(layer, names)
+    a, b, s = _kernel_stacks(layer, names)
     bounds = [0] + [e for _, _, e in plan.segments]
     seg_lora = [index.get(n, -1) for n, _, _ in plan.segments]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x2d, result, a, b))

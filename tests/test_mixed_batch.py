@@ -340,3 +340,63 @@ def test_llama_generate_stops_sharing_the_prompt_prefix_in_a_mixed_batch():
     for i, name in enumerate(names):  # each row as if run alone with its adapter
         with use_adapters(model, [name]):
             assert model.generate([prompts[i]], max_new_tokens=5) == [auto[i]]
+
+
+def test_generate_keyword_equals_rows_alone_and_peft(llama_pair):
+    """enable_adapter_names makes generate(adapter_names=...) work (transformers would refuse
+    the unknown keyword): greedy tokens equal each prompt generated alone with its adapter,
+    and PEFT's generate(adapter_names=...) with the same files."""
+    theirs, ours, _ = llama_pair
+    ids = torch.randint(1, 64, (4, 5), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    handle = enable_adapter_names(ours)
+    try:
+        with torch.no_grad():
+            got = ours.generate(input_ids=ids, adapter_names=ROW_NAMES, **kw)
+            want = theirs.generate(input_ids=ids, adapter_names=ROW_NAMES, **kw)
+            alone = []
+            for i, name in enumerate(ROW_NAMES):
+                with use_adapters(ours, [name]):
+                    alone.append(ours.generate(ids[i:i + 1], **kw))
+            assert all(layer.row_adapters is None for _, layer in _lora_layers(ours))  # restored
+            plain = ours.generate(ids, **kw)  # no keyword: the usual generate
+    finally:
+        handle.remove()
+    assert torch.equal(got, want)
+    for i, row in enumerate(alone):  # a prompt alone stops at eos (0); in the batch it is padded with 0
+        assert torch.equal(got[i, : row.shape[1]], row[0]) and not got[i, row.shape[1]:].any()
+    assert not torch.equal(got, plain)  # the adapters changed something
+    assert "generate" not in ours.__dict__  # remove() restored the class method
+
+
+def test_generate_keyword_with_beams_repeats_names_and_checks_length(llama_pair):
+    """num_beams / num_return_sequences repeat every prompt: the names are repeated likewise
+    (beam search equals PEFT's); a name list of the wrong length raises before any layer
+    changes."""
+    theirs, ours, _ = llama_pair
+    ids = torch.randint(1, 64, (4, 5), generator=torch.Generator().manual_seed(6))
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, num_beams=2, num_return_sequences=2)
+    handle = enable_adapter_names(ours)
+    try:
+        with torch.no_grad():
+            got = ours.generate(ids, adapter_names=ROW_NAMES, **kw)
+            want = theirs.generate(input_ids=ids, adapter_names=ROW_NAMES, **kw)
+            for i, name in enumerate(ROW_NAMES):  # each prompt's 2 sequences as if run alone
+                with use_adapters(ours, [name, name]):  # beams expand the rows: one name each
+                    alone = ours.generate(ids[i:i + 1], **kw)
+                n = alone.shape[1]  # shorter if both beams ended at eos (0), padded with 0 in the batch
+                assert torch.equal(got[2 * i:2 * i + 2, :n], alone) and not got[2 * i:2 * i + 2, n:].any()
+            with pytest.raises(ValueError, match="adapter_names has 3 entries but generate.. got 4 prompts"):
+                ours.generate(ids, adapter_names=ROW_NAMES[:3], max_new_tokens=2, pad_token_id=0)
+            with pytest.raises(ValueError, match="adapter_names.*'zzz'.*not found"):
+                ours.generate(ids, adapter_names=["zzz"] * 4, max_new_tokens=2, pad_token_id=0)
+            assert all(layer.row_adapters is None for _, layer in _lora_layers(ours))
+    finally:
+        handle.remove()
+    assert torch.equal(got, want)
+
+
+def _lora_layers(model):
+    from lora.inject import lora_layers
+
+    return list(lora_layers(model))
