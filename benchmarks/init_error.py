@@ -10,8 +10,12 @@ Metric: `||W - (dequant(Q) + B @ A)||_F / ||W||_F` (scaling 1), summed over the 
 
 Providers, compared like with like (blocksize 64, no double quantization, exact SVD, float32):
 
-* loralab: `lora.init.loftq_iterates` / `qpissa` with NF4, NF3, NF2 (`quant.normal_float_code`;
-  the NF2 levels are -1, 0, 0.436, 1).
+* loralab: `lora.init.loftq_iterates` / `qpissa` with NF4, NF3, NF2 (`quant.normal_float_code`:
+  NF4's outer quantile 0.9677083 at every width, as PEFT and LoftQ's code; NF2 -1, 0, 0.338, 1).
+* loralab-rev1 (NF3, NF2): the same B = 0 and LoftQ with revision 1 of the NF3/NF2 code books
+  (`normal_float_code(k, offset=centered_offset(k))`: QLoRA's NF4 construction carried to k
+  bits; NF2 -1, 0, 0.436, 1), quantized here the obvious way (blockwise absmax, nearest level)
+  with the exact SVD: errors only, to compare the two code books (its times are not comparable).
 * peft (NF4): PEFT 0.21's `loftq_init` hard-codes a CUDA/XPU device, so its loop is run
   here step for step on the CPU: bitsandbytes' `quantize_4bit(compress_statistics=False,
   quant_type="nf4", blocksize=64)` (what its `Params4bit(...).to(device)` calls) and
@@ -19,8 +23,8 @@ Providers, compared like with like (blocksize 64, no double quantization, exact 
 * peft-0.17 (NF2): PEFT up to 0.19 shipped its own `NFQuantizer` (removed in 0.20), used by
   `loftq_init(num_bits=2)`, which runs on the CPU as it is. Pass that release's
   `peft/utils/loftq_utils.py` with `--peft-old-loftq FILE` (`pip download peft==0.17.1
-  --no-deps` and unzip it). Its NF2 levels are -1, 0, 0.338, 1 (NF4's offset 0.9677 for every
-  bit width). It accepts 2, 4 and 8 bits only: no NF3 peer exists.
+  --no-deps` and unzip it). Its NF2 levels are -1, 0, 0.338, 1, this project's NF2. It
+  accepts 2, 4 and 8 bits only (its 3-bit packing fails): no NF3 peer exists.
 
     python benchmarks/init_error.py                    # 21 layers (blocks 0, 14, 29), ~5 min on 2 busy cores
     python benchmarks/init_error.py --quick            # 2 layers
@@ -43,14 +47,16 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import RESULTS_DIR, make_row, write_rows  # noqa: E402
-from lora.init import loftq_iterates, qpissa  # noqa: E402
-from quant import dequantize_4bit, quantize_4bit  # noqa: E402
+from lora.init import loftq_iterates, qpissa, top_r_svd  # noqa: E402
+from quant import dequantize_4bit, normal_float_code, quantize_4bit  # noqa: E402
+from quant.codes import centered_offset  # noqa: E402
 
 BLOCKSIZE = 64  # QLoRA sec. 3; PEFT's Params4bit default
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 ITERS = (1, 5)
 RANKS = (16, 64)
 BITS = (4, 3, 2)
+PROVIDERS = ("loralab", "loralab-rev1", "peft", "peft-0.17")
 
 
 def load_layers(blocks: tuple[int, ...], linears: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -91,6 +97,29 @@ def ours(W: torch.Tensor, bits: int, r: int, rec) -> None:
     t0 = time.perf_counter()
     (packed, state), A, B = qpissa(W, bits, r, blocksize=BLOCKSIZE, double_quant=False)
     rec("loralab", "qpissa", bits, r, err2(W, dequantize_4bit(packed, state), B, A), time.perf_counter() - t0)
+
+
+def quantize_levels(W: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Blockwise absmax quantization to the nearest of `levels`, dequantized: float32 (out, in)."""
+    blocks = W.reshape(-1, BLOCKSIZE)  # (n / 64, 64); SmolLM2's rows are whole blocks
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    idx = ((blocks / absmax).unsqueeze(-1) - levels).abs().argmin(dim=-1)  # (n / 64, 64)
+    return (levels[idx] * absmax).reshape(W.shape)
+
+
+def rev1(W: torch.Tensor, bits: int, r: int, rec) -> None:
+    """B = 0 and LoftQ with revision 1 of the NF3/NF2 code (see the module docstring)."""
+    levels = normal_float_code(bits, offset=centered_offset(bits))
+    t0 = time.perf_counter()
+    rec("loralab-rev1", "zero", bits, r, err2(W, quantize_levels(W, levels)), time.perf_counter() - t0)
+    res = W
+    for t in range(1, max(ITERS) + 1):
+        deq = quantize_levels(res, levels)
+        U, S, Vh = top_r_svd(W - deq, r)
+        B, A = U * S, Vh  # (out, r), (r, in): B A is the best rank-r fit of W - deq
+        res = W - B @ A
+        if t in ITERS:
+            rec("loralab-rev1", f"loftq_{t}", bits, r, err2(W, deq, B, A), 0.0)
 
 
 def peft_nf4(W: torch.Tensor, r: int, rec) -> None:
@@ -163,6 +192,8 @@ def main(argv=None) -> int:
             norm2 += float(W.double().pow(2).sum())
         for bits in BITS:
             ours(W, bits, r, rec)
+            if bits < 4:
+                rev1(W, bits, r, rec)
         peft_nf4(W, r, rec)
         if old is not None:
             peft_old_nf2(old, W, r, rec)
@@ -171,7 +202,8 @@ def main(argv=None) -> int:
     for (provider, method, bits, r), (e2, seconds) in sorted(sums.items()):
         key = f"nf{bits} r={r} {method}"
         rows.append(make_row("init_error", provider, shape, f"{key} rel_error", math.sqrt(e2 / norm2), "ratio"))
-        rows.append(make_row("init_error", provider, shape, f"{key} seconds", seconds, "s"))
+        if provider != "loralab-rev1":  # errors only (see the module docstring)
+            rows.append(make_row("init_error", provider, shape, f"{key} seconds", seconds, "s"))
     name = "init_error_quick" if args.quick else "init_error"
     path = write_rows(RESULTS_DIR / f"{name}.csv", rows)
     table(sums, norm2)
@@ -181,13 +213,14 @@ def main(argv=None) -> int:
 
 
 def table(sums, norm2) -> None:
-    print(f"{'bits':>4} {'r':>3} {'method':8} " + " ".join(f"{p:>22}" for p in ("loralab", "peft", "peft-0.17")))
+    print(f"{'bits':>4} {'r':>3} {'method':8} " + " ".join(f"{p:>22}" for p in PROVIDERS))
     keys = sorted({(b, r, m) for (_, m, b, r) in sums}, key=lambda k: (-k[0], k[1], k[2]))
     for bits, r, method in keys:
         cells = []
-        for provider in ("loralab", "peft", "peft-0.17"):
+        for provider in PROVIDERS:
             v = sums.get((provider, method, bits, r))
-            cells.append(f"{math.sqrt(v[0] / norm2):.5f} {v[1]:7.2f}s".rjust(22) if v else " " * 22)
+            seconds = f"{v[1]:7.2f}s" if v and provider != "loralab-rev1" else " " * 8
+            cells.append(f"{math.sqrt(v[0] / norm2):.5f} {seconds}".rjust(22) if v else " " * 22)
         print(f"{bits:>4} {r:>3} {method:8} " + " ".join(cells))
 
 
@@ -199,11 +232,12 @@ def plot(sums, norm2, path: Path, shape: str) -> None:
 
     methods = ("zero", "loftq_1", "loftq_5", "qpissa")
     fig, axes = plt.subplots(2, len(RANKS), figsize=(6 * len(RANKS), 7.5))
-    colors = {"loralab": "tab:blue", "peft": "tab:orange", "peft-0.17": "tab:red"}
+    colors = {"loralab": "tab:blue", "loralab-rev1": "tab:cyan", "peft": "tab:orange", "peft-0.17": "tab:red"}
     for col, r in enumerate(RANKS):
-        bars = [(b, m, p) for b in BITS for m in methods for p in colors if (p, m, b, r) in sums]
-        x = range(len(bars))
         for ax, metric in zip(axes[:, col], ("error", "seconds"), strict=True):
+            bars = [(b, m, p) for b in BITS for m in methods for p in colors if (p, m, b, r) in sums
+                    and not (metric == "seconds" and p == "loralab-rev1")]
+            x = range(len(bars))
             vals = [math.sqrt(sums[(p, m, b, r)][0] / norm2) if metric == "error" else sums[(p, m, b, r)][1]
                     for b, m, p in bars]
             ax.bar(x, vals, color=[colors[p] for _, _, p in bars])
@@ -213,7 +247,8 @@ def plot(sums, norm2, path: Path, shape: str) -> None:
                 ax.set_yscale("log")
             ax.set_title(f"r = {r}: {'reconstruction error' if metric == 'error' else 'init time'} ({shape})")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    axes[0, 0].legend(handles, ["loralab", "PEFT 0.21 loop (bnb NF4, CPU)", "PEFT 0.17 loftq_init (NF2)"],
+    axes[0, 0].legend(handles, ["loralab", "loralab, NF3/NF2 code rev. 1 (error only)",
+                                "PEFT 0.21 loop (bnb NF4, CPU)", "PEFT 0.17 loftq_init (NF2)"],
                       fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

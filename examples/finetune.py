@@ -3,6 +3,7 @@
     python examples/finetune.py                  # the demo: --method qlora on the "extract" task
     python examples/finetune.py --task route     # a task whose content must be learnt
     python examples/finetune.py --method lora    # bf16/fp32 base instead of NF4
+    python examples/finetune.py --bits 3 --init loftq  # NF3 base, LoftQ start (docs/06-starting-points.md)
     python examples/finetune.py --compare        # every method on the same task and budget
     python examples/finetune.py --data my.jsonl  # your own examples (see owndata.py)
     python examples/finetune.py --generate "text" --adapter runs/finetune/adapter
@@ -32,10 +33,13 @@ from examples import routing, task
 from examples.answer import answer, write_prompt_file
 from examples.chat_format import chat_format
 from examples.methods import (
+    BITS,
+    INITS,
     METHODS,
     PROMPT_INIT_TEXT,
     TRAINED,
     base_weight_bytes,
+    check_init_and_bits,
     load_model,
     prepare,
     reload_adapter,
@@ -81,6 +85,8 @@ class FinetuneConfig:
     lr: float | None = None  # None: DEFAULT_LR[method]
     r: int = 16  # LoRA rank; r=16 on all linear layers is QLoRA's recipe (sec. 4)
     alpha: float = 32  # LoRA alpha; scaling alpha / r = 2
+    init: str = "kaiming"  # adapter start (INITS): kaiming/gaussian B = 0; loftq, pissa, olora rewrite the base
+    bits: int = 4  # qlora's base: 4 NF4, 3 NF3, 2 NF2 (stored in 4 bits); fewer bits, more error to repair
     dropout: float = 0.0  # LoRA dropout; 40 steps are too few to overfit
     n_train: int = 400  # generated training examples (built-in tasks)
     n_eval: int = 100  # generated held-out examples (built-in tasks)
@@ -158,10 +164,11 @@ def run(cfg: FinetuneConfig, load=load_model) -> dict:
     """One method end to end; returns the measured figures (also written as JSON)."""
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    check_init_and_bits(cfg.method, cfg.init, cfg.bits, dtype_of(cfg.compute_dtype))
     train_set, eval_set, title = load_examples(cfg)
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    model, tok = load(cfg.method, cfg.gguf, dtype_of(cfg.compute_dtype))
+    model, tok = load(cfg.method, cfg.gguf, dtype_of(cfg.compute_dtype), cfg.bits, cfg.init)
     print(f"loaded {cfg.gguf or 'SmolLM2-135M-Instruct'} in {time.perf_counter() - t0:.1f} s")
     model.grad_checkpointing = cfg.grad_checkpointing  # examples/llama.py's switch
     fmt, fmt_name = format_of(cfg, tok)
@@ -172,10 +179,10 @@ def run(cfg: FinetuneConfig, load=load_model) -> dict:
     bf16_bytes, _ = base_weight_bytes(model)
     init = "vocab" if cfg.data is not None else tok.encode(TASKS[cfg.task].prompt_init)
     model, info = prepare(model, cfg.method, cfg.r, cfg.alpha, cfg.dropout, dtype_of(cfg.compute_dtype),
-                          prompt_init=init)
+                          prompt_init=init, init=cfg.init, bits=cfg.bits)
     shots = train_set[:{"one-shot": 1, "few-shot": cfg.shots}.get(cfg.method, 0)]  # ICL only
     eval_kw = dict(batch_size=cfg.eval_batch, max_new_tokens=generation_budget(tok, eval_set), fmt=fmt)
-    res = {"method": cfg.method, "task_name": title,
+    res = {"method": cfg.method, "init": cfg.init, "bits": cfg.bits, "task_name": title,
            "model_name": Path(cfg.gguf).name if cfg.gguf else "SmolLM2-135M-Instruct", "chat_format": fmt_name, "n_train": len(train_set),
            "n_eval": len(eval_set), **info, "base_bf16_bytes": bf16_bytes,
            "base_stored_bytes": base_weight_bytes(model)[1], "steps": 0}
@@ -200,8 +207,8 @@ def run(cfg: FinetuneConfig, load=load_model) -> dict:
     if cfg.reload and cfg.method in ("lora", "qlora"):
         del model
         gc.collect()
-        fresh, _ = load(cfg.method, cfg.gguf, dtype_of(cfg.compute_dtype))
-        reload_adapter(fresh, cfg.method, out / "adapter", dtype_of(cfg.compute_dtype))
+        fresh, _ = load(cfg.method, cfg.gguf, dtype_of(cfg.compute_dtype), cfg.bits, cfg.init)
+        reload_adapter(fresh, cfg.method, out / "adapter", dtype_of(cfg.compute_dtype), cfg.bits)
         preds_reloaded = record_scores(res, "reloaded", *evaluate_scores(
             fresh, tok, eval_set, desc="eval reloaded", **eval_kw))
         res["same_predictions_reloaded"] = sum(a == b for a, b in
@@ -260,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="default: per method " + str(DEFAULT_LR))
     p.add_argument("--alpha", type=float, default=defaults.alpha)
     p.add_argument("--dropout", type=float, default=defaults.dropout)
+    p.add_argument("--init", default=defaults.init, choices=list(INITS),
+                   help="how the LoRA adapter starts: kaiming or gaussian (B = 0), or from the weight: loftq "
+                        "(qlora only), pissa, olora (docs/06-starting-points.md)")
+    p.add_argument("--bits", type=int, default=defaults.bits, choices=list(BITS),
+                   help="with --method qlora: the base's NormalFloat width (4 NF4, 3 NF3, 2 NF2; all stored in 4 bits)")
     p.add_argument("--compute-dtype", default=defaults.compute_dtype, choices=["float32", "bfloat16"])
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each block in backward instead of keeping its activations")
@@ -289,10 +301,19 @@ def parse_args(argv=None) -> tuple[FinetuneConfig, argparse.Namespace]:
         p.error("--generate after training needs --method lora or qlora (or a saved --adapter)")
     if args.data is not None and args.compare:
         p.error("--compare runs the built-in tasks; use --data with one --method at a time")
+    if args.generate is not None and (args.init != "kaiming" or args.bits != 4):
+        p.error("--generate loads adapters onto an NF4 base from a fresh model; it does not take --init or --bits")
+    if args.compare and (args.init != "kaiming" or args.bits != 4):
+        p.error("--init and --bits apply to one --method (lora or qlora), not to --compare")
+    try:
+        check_init_and_bits(args.method, args.init, args.bits, dtype_of(args.compute_dtype))
+    except ValueError as e:
+        p.error(str(e))
     cfg = FinetuneConfig(method=args.method, task=args.task, data=args.data,
                          eval_fraction=args.eval_fraction, eval_loss_every=args.eval_loss_every,
                          steps=args.steps, lr=args.lr,
                          alpha=args.alpha, dropout=args.dropout, compute_dtype=args.compute_dtype,
+                         init=args.init, bits=args.bits,
                          reload=not args.no_reload, grad_checkpointing=args.grad_checkpointing,
                          out=args.out or ("runs/compare" if args.compare else "runs/finetune"),
                          gguf=args.gguf, **{n: getattr(args, n) for n in (

@@ -10,16 +10,20 @@ import functools
 
 import torch
 
-# QLoRA sec. 3: the outermost quantile of the k-bit NormalFloat. It is the mean of
-# 1 - 1/(2 * 15) and 1 - 1/(2 * 16), the tail probabilities that center the outer
-# bins of a 15-level and a 16-level quantile code; bitsandbytes writes 0.9677083.
+# QLoRA sec. 3: the outermost quantile of NF4. It is the mean of 1 - 1/(2 * 15) and
+# 1 - 1/(2 * 16), the tail probabilities that center the outer bins of a 15-level and a
+# 16-level quantile code; bitsandbytes writes 0.9677083. NF3 and NF2 use the same offset
+# (see `normal_float_code`).
 NF4_OFFSET = 0.9677083
 
 
-def _nf_offset(bits: int) -> float:
-    """The outer quantile of a `bits`-bit NormalFloat (0.9677083 for 4 bits, QLoRA sec. 3)."""
-    if bits == 4:
-        return NF4_OFFSET
+def centered_offset(bits: int) -> float:
+    """QLoRA's construction of the NF4 offset carried to `bits` bits: the mean of
+    `1 - 1/(2(2^k - 1))` and `1 - 1/(2 * 2^k)` (0.9333 for 3 bits, 0.8542 for 2; 0.9677 for 4).
+    This project's NF3/NF2 used it before revision 2 of their code books (`CODE_REVISION`);
+    pass it as `normal_float_code(bits, offset=centered_offset(bits))` to study that code."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
     k = 2**bits
     return 0.5 * ((1 - 1 / (2 * (k - 1))) + (1 - 1 / (2 * k)))
 
@@ -47,10 +51,18 @@ def normal_float_code(bits: int = 4, offset: float | None = None) -> torch.Tenso
     `2**(bits-1)` positive quantiles from [offset, 0.5) and `2**(bits-1) - 1` negative
     ones, plus zero, all divided by the largest so that the code spans [-1, 1].
 
+    The outermost quantile is NF4's 0.9677083 (QLoRA sec. 3) at every width, as in LoftQ's
+    reference code and PEFT's `NFQuantizer.create_normal_map` (PEFT <= 0.19), so NF2 is
+    -1, 0, 0.338, 1 and every k-bit code equals theirs. Measured on 21 layers of SmolLM2-135M
+    (blocksize 64, docs/06-starting-points.md): against `centered_offset(k)`, NF4's construction
+    carried to k bits, this offset quantizes NF2 0.7% better (relative error 0.566 vs 0.570) and
+    ends LoftQ 0.3-1.0% lower, while NF3 is 0.7% worse (0.2059 vs 0.2044) and LoftQ 3-bit
+    -0.3% to +1.2%. No offset wins at every width; one shared with LoftQ's 2-bit results
+    and PEFT makes "same bits, same code" comparisons exact.
+
     Args:
         bits: Bits per code, 2 to 8.
-        offset: Outermost quantile; default 0.9677083 for 4 bits (QLoRA sec. 3), and
-            the same construction (mean of 1 - 1/(2(2^k - 1)) and 1 - 1/(2 * 2^k)) otherwise.
+        offset: Outermost quantile in (0.5, 1); default `NF4_OFFSET` = 0.9677083.
 
     Returns:
         `(2**bits,)` float32 tensor, ascending, with `code[2**(bits-1) - 1] == 0`.
@@ -58,7 +70,7 @@ def normal_float_code(bits: int = 4, offset: float | None = None) -> torch.Tenso
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
     if offset is None:
-        offset = _nf_offset(bits)
+        offset = NF4_OFFSET
     if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not 0.5 < offset < 1.0:
         raise ValueError(f"offset must lie in (0.5, 1), got {offset!r}")
     return _normal_float_code(bits, float(offset)).clone()
@@ -131,6 +143,20 @@ def int_code(bits: int) -> torch.Tensor:
     One code of the 2^bits stays unused, as in `int4_code`."""
     top = 2 ** (bits - 1) - 1
     return torch.arange(-top, top + 1, dtype=torch.float32) / top
+
+
+# Revision of the code books whose values have changed since files were first written with
+# them; `Linear4bit`'s format tag records it, so codes saved with other values are refused
+# instead of decoded with these. NF3/NF2 revision 1 (untagged): offset `centered_offset(k)`;
+# revision 2: NF4's offset at every width. Types not listed are at revision 1.
+CODE_REVISION = {"nf3": 2, "nf2": 2}
+
+
+def code_revision(quant_type: str) -> int:
+    """The revision of `quant_type`'s code book values (`CODE_REVISION`, 1 if not listed)."""
+    if quant_type not in CODE_BOOKS:
+        raise ValueError(f"quant_type must be one of {sorted(CODE_BOOKS)}, got {quant_type!r}")
+    return CODE_REVISION.get(quant_type, 1)
 
 
 # Fewer-bit types: their levels go first in the 16-entry table of the 4-bit format and the

@@ -24,7 +24,7 @@ from .blockwise import (
     check_weight,
     quantize_4bit,
 )
-from .codes import shared_code
+from .codes import code_revision, shared_code
 from .module_paths import name_matches, set_submodule
 from .ops import dequantize_4bit, linear_4bit
 from .state import QuantState
@@ -181,7 +181,10 @@ class Linear4bit(nn.Module):
         return expected
 
     def _format_tag(self) -> str:
-        return f"{self.quant_type}:{self.blocksize}:{int(self.double_quant)}"
+        """"type:blocksize:double_quant", plus ":revision" for a code book whose values changed
+        (`quant.codes.CODE_REVISION`: "nf3:64:1:2"); NF4/FP4/INT4 tags are as they always were."""
+        revision = code_revision(self.quant_type)
+        return f"{self.quant_type}:{self.blocksize}:{int(self.double_quant)}" + (f":{revision}" if revision > 1 else "")
 
     def get_extra_state(self) -> torch.Tensor:
         """The format the buffers are in ("nf3:64:1", as uint8 bytes, so safetensors can store
@@ -193,13 +196,24 @@ class Linear4bit(nn.Module):
 
     def _check_format_tag(self, state_dict, prefix: str) -> None:
         key = prefix + "_extra_state"
+        revision = code_revision(self.quant_type)
         if key not in state_dict:  # saved before the tag existed: the buffers' checks still run
+            if revision > 1 and any(prefix + name in state_dict for name in self._expected_buffers()):
+                raise ValueError(f"{prefix or 'state_dict'}: the saved {self.quant_type} weight has no format tag, so "
+                                 f"it may hold codes of {self.quant_type}'s revision-1 code book, whose values "
+                                 f"differ from this one's (revision {revision}, quant.codes.CODE_REVISION); "
+                                 "quantize the float weight again")
             return
         tag = state_dict[key]
         ok = isinstance(tag, torch.Tensor) and tag.dtype == torch.uint8 and tag.dim() == 1
         found = bytes(tag.tolist()).decode(errors="replace") if ok else repr(tag)
         if found != self._format_tag():
             q, b, d = (found.split(":") + ["?", "?"])[:3]
+            saved_revision = (found.split(":") + ["1"] * 3)[3]
+            if (q, b, d) == (self.quant_type, str(self.blocksize), str(int(self.double_quant))):
+                raise ValueError(f"{prefix or 'state_dict'}: the saved {q} weight uses revision {saved_revision} of "
+                                 f"the {q} code book, this layer revision {revision} (quant.codes.CODE_REVISION): "
+                                 "the same codes stand for other values. Quantize the float weight again")
             raise ValueError(f"{prefix or 'state_dict'}: the saved 4-bit weight has quant_type={q}, blocksize={b}, "
                              f"double_quant={d == '1'}, but this layer has quant_type={self.quant_type}, "
                              f"blocksize={self.blocksize}, double_quant={self.double_quant}; its codes would "

@@ -44,15 +44,13 @@ from torch import nn
 
 import lora.qlora  # noqa: F401  (registers QLoRALinear for the 4-bit base)
 from examples.finetune import generation_budget
-from examples.methods import BLOCK_LINEARS, block_linears, load_model
+from examples.methods import NF4_SETTINGS, block_linears, load_model, lora_config, start_lora
 from examples.report import atomic_write_text, save_figure
 from examples.task import make_splits
 from examples.training import TrainConfig, evaluate_scores, train
-from lora import LoRAConfig, apply_lora
-from lora.init import LOFTQ_QUANT_TYPES, pissa
-from lora.layer import LoRALinear
-from lora.qlora import QLoRALinear
-from quant import Linear4bit, quantize_model
+from lora.init import LOFTQ_QUANT_TYPES
+from quant import Linear4bit
+from quant.codes import code_revision
 
 ROOT = Path(__file__).resolve().parents[2]
 FIGURES = ROOT / "docs" / "figures"  # committed CSV + PNG
@@ -80,47 +78,14 @@ class GridConfig:
     double_quant: bool = True
 
 
-def lora_config(cfg: GridConfig, **kw) -> LoRAConfig:
-    return LoRAConfig(r=cfg.r, alpha=cfg.alpha, target_modules=list(BLOCK_LINEARS), **kw)
-
-
-def qpissa_layers(model: nn.Module, cfg: GridConfig, bits: int) -> None:
-    """Replace every block linear by a QLoRALinear whose base is the quantized PiSSA residual."""
-    scaling = cfg.alpha / cfg.r
-    for name, linear in block_linears(model):
-        # lora.init.qpissa's steps, with the residual quantized by the layer itself
-        res = pissa(linear.weight.detach(), cfg.r, scaling=scaling, dtype=torch.float32)
-        base = Linear4bit(linear.in_features, linear.out_features, bias=False, weight=res.base.float(),
-                          quant_type=LOFTQ_QUANT_TYPES[bits], blocksize=cfg.blocksize,
-                          double_quant=cfg.double_quant, compute_dtype=torch.float32)
-        layer = QLoRALinear(linear.in_features, linear.out_features, r=cfg.r, alpha=cfg.alpha, bias=False,
-                            base_layer=base, dtype=torch.float32)
-        with torch.no_grad():
-            layer.lora_A["default"].weight.copy_(res.A)
-            layer.lora_B["default"].weight.copy_(res.B)
-        model.set_submodule(name, layer)
-    model.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, LoRALinear):
-            for p in list(module.lora_A.parameters()) + list(module.lora_B.parameters()):
-                p.requires_grad_(True)
-
-
 def build(model: nn.Module, cfg: GridConfig, base: str, init: str) -> None:
-    """Quantize the block linears to `base` and start the adapters with `init`, in place."""
-    if base == "fp32":
-        apply_lora(model, lora_config(cfg), dtype=torch.float32)
-        return
-    bits = {v: k for k, v in LOFTQ_QUANT_TYPES.items()}[base]
-    if init == "zero":
-        quantize_model(model, target_modules=list(BLOCK_LINEARS), quant_type=base, blocksize=cfg.blocksize,
-                       double_quant=cfg.double_quant, compute_dtype=torch.float32)
-        apply_lora(model, lora_config(cfg), dtype=torch.float32)
-    elif init == "loftq":
-        apply_lora(model, lora_config(cfg, init="loftq", loftq_bits=bits, loftq_iter=cfg.loftq_iter),
-                   dtype=torch.float32)
-    else:
-        qpissa_layers(model, cfg, bits)
+    """Quantize the block linears to `base` and start the adapters with `init`, in place
+    (`examples.methods.start_lora`, the path of `finetune.py --init ... --bits ...`)."""
+    if (cfg.blocksize, cfg.double_quant) != (NF4_SETTINGS["blocksize"], NF4_SETTINGS["double_quant"]):
+        raise ValueError("the grid's base uses examples.methods.NF4_SETTINGS' blocksize and double quantization")
+    config = lora_config(cfg.r, cfg.alpha, 0.0, "kaiming" if init == "zero" else init)
+    bits = None if base == "fp32" else {v: k for k, v in LOFTQ_QUANT_TYPES.items()}[base]
+    start_lora(model, config, bits, torch.float32, cfg.loftq_iter)
 
 
 @torch.no_grad()
@@ -147,6 +112,7 @@ def run_one(cfg: GridConfig, base: str, init: str, seed: int) -> dict:
     build(model, cfg, base, init)
     init_s = time.perf_counter() - t0
     row = {"base": base, "init": init, "seed": seed, "init_seconds": init_s,
+           "code_revision": code_revision(base) if base != "fp32" else 1,
            "recon_error": reconstruction_error(model, originals), **asdict(cfg)}
     del originals
     eval_kw = dict(batch_size=cfg.eval_batch, max_new_tokens=generation_budget(tok, eval_set))
@@ -167,7 +133,18 @@ def grid(bases, inits, seeds, reference: bool) -> list[tuple[str, str, int]]:
 
 
 def run_path(out: Path, base: str, init: str, seed: int) -> Path:
-    return out / f"{base}_{init}_seed{seed}.json"
+    """One JSON per run; a base whose code book changed (quant.codes.CODE_REVISION) gets its
+    revision in the name, so runs with the earlier code stay apart and are never resumed into."""
+    revision = code_revision(base) if base != "fp32" else 1
+    return out / f"{base}{f'.code{revision}' if revision > 1 else ''}_{init}_seed{seed}.json"
+
+
+def base_label(row: dict) -> str:
+    """"NF3" for the current code book; "NF3 (code 1)" for a run with an earlier revision
+    (runs written before revisions were recorded used revision 1)."""
+    revision = row.get("code_revision", 1)
+    current = code_revision(row["base"]) if row["base"] != "fp32" else 1
+    return row["base"].upper() + ("" if revision == current else f" (code {revision})")
 
 
 def collect(out: Path, figures: Path) -> list[dict]:
@@ -176,12 +153,16 @@ def collect(out: Path, figures: Path) -> list[dict]:
     if not rows:
         return rows
     figures.mkdir(parents=True, exist_ok=True)
-    keys = ["base", "init", "seed", "exact_before", "content_before", "exact_after", "content_after",
+    for r in rows:
+        r.setdefault("code_revision", 1)
+    keys = ["base", "code_revision", "init", "seed", "exact_before", "content_before", "exact_after", "content_after",
             "recon_error", "init_seconds", "train_seconds", "steps", "loftq_iter", "r", "alpha"]
     _write_csv(figures / "starting_points.csv", keys, rows)
-    loss_rows = [{"base": r["base"], "init": r["init"], "seed": r["seed"], "step": i + 1, "loss": loss}
+    loss_rows = [{"base": r["base"], "code_revision": r["code_revision"], "init": r["init"], "seed": r["seed"],
+                  "step": i + 1, "loss": loss}
                  for r in rows for i, loss in enumerate(r["losses"])]
-    _write_csv(figures / "starting_points_loss.csv", ["base", "init", "seed", "step", "loss"], loss_rows)
+    _write_csv(figures / "starting_points_loss.csv", ["base", "code_revision", "init", "seed", "step", "loss"],
+               loss_rows)
     plot(rows, figures / "starting_points.png")
     print(summary(rows))
     return rows
@@ -196,16 +177,24 @@ def summary(rows: list[dict]) -> str:
 
     lines = ["| base | init | seeds | rel. error of base + s B A | exact before | content before | "
              "exact after | content after | loss, last 5 steps |", "|---" * 9 + "|"]
-    for base in list(BASES) + ["fp32"]:
+    for label in labels(rows):
         for init in INITS:
-            runs = [r for r in rows if r["base"] == base and r["init"] == init]
+            runs = [r for r in rows if base_label(r) == label and r["init"] == init]
             if not runs:
                 continue
             tail = statistics.mean(statistics.mean(r["losses"][-5:]) for r in runs)
-            lines.append(f"| {base.upper()} | {init} | {len(runs)} | {statistics.mean(r['recon_error'] for r in runs):.4f} | "
+            lines.append(f"| {label} | {init} | {len(runs)} | {statistics.mean(r['recon_error'] for r in runs):.4f} | "
                          f"{stat(runs, 'exact_before')} | {stat(runs, 'content_before')} | "
                          f"{stat(runs, 'exact_after')} | {stat(runs, 'content_after')} | {tail:.4f} |")
     return "\n".join(lines)
+
+
+def labels(rows: list[dict]) -> list[str]:
+    """The base labels present, in BASES order (current code first), then FP32."""
+    present = {base_label(r) for r in rows}
+    order = [label for base in list(BASES) + ["fp32"] for label in sorted(
+        (x for x in present if x.split(" ")[0] == base.upper()), key=len)]
+    return order
 
 
 def _write_csv(path: Path, keys: list[str], rows: list[dict]) -> None:
@@ -223,13 +212,13 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bases = [b for b in BASES if any(r["base"] == b for r in rows)]
+    bases = [b for b in labels(rows) if b != "FP32"]
     fig, axes = plt.subplots(1, len(bases) + 1, figsize=(4.2 * (len(bases) + 1), 3.6), sharey=False)
     colors = {"zero": "tab:blue", "loftq": "tab:orange", "pissa": "tab:green"}
     ref = [r for r in rows if r["base"] == "fp32"]
     for ax, base in zip(axes[:-1], bases, strict=True):
         for init in INITS:
-            runs = [r for r in rows if r["base"] == base and r["init"] == init]
+            runs = [r for r in rows if base_label(r) == base and r["init"] == init]
             for k, r in enumerate(runs):
                 ax.plot(range(1, len(r["losses"]) + 1), r["losses"], color=colors[init], alpha=0.8,
                         label=init if k == 0 else None)
@@ -237,23 +226,23 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot(range(1, len(r["losses"]) + 1), r["losses"], color="gray", ls="--", alpha=0.8,
                     label="fp32 LoRA" if k == 0 else None)
         ax.set_yscale("log")
-        ax.set_title(f"{base.upper()} base: training loss")
+        ax.set_title(f"{base} base: training loss")
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
     ax = axes[-1]
-    labels, bars = [], {"content before training": [], "exact match after": [], "content after": []}
+    names, bars = [], {"content before training": [], "exact match after": [], "content after": []}
     keys = {"content before training": "content_before", "exact match after": "exact_after",
             "content after": "content_after"}
-    for base in bases + ["fp32"]:
+    for base in bases + ["FP32"]:
         for init in INITS:
-            runs = [r for r in rows if r["base"] == base and r["init"] == init]
+            runs = [r for r in rows if base_label(r) == base and r["init"] == init]
             if runs:
-                labels.append(f"{base}\n{init}")
+                names.append(f"{base}\n{init}")
                 for name, key in keys.items():
                     bars[name].append(statistics.mean(r[key] for r in runs))
     for k, (name, vals) in enumerate(bars.items()):
-        ax.bar([i + (k - 1) * 0.27 for i in range(len(labels))], vals, width=0.27, label=name)
-    ax.set_xticks(list(range(len(labels))), labels, fontsize=7)
+        ax.bar([i + (k - 1) * 0.27 for i in range(len(names))], vals, width=0.27, label=name)
+    ax.set_xticks(list(range(len(names))), names, fontsize=6)
     ax.set_ylabel("held-out score (mean over seeds)")
     ax.set_title("100 held-out sentences")
     ax.legend(fontsize=7)

@@ -1,0 +1,104 @@
+"""examples/finetune.py --init / --bits: how QLoRA's adapter starts and how many bits its base
+keeps (docs/06-starting-points.md), on a tiny random GGUF model."""
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+pytest.importorskip("tokenizers")
+
+from test_llama_gguf import write_tiny_gguf
+
+from examples import finetune
+from examples.methods import BLOCK_LINEARS, block_linears, load_model, prepare
+from lora import LoRALinear
+from lora.model_state import lora_configs
+from quant import LinearNF4
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_tiny_gguf(path, dim=64, n_layers=2, n_heads=4, n_kv=2, ffn=128)  # blocksize 64 divides all
+    return path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "lora", "--bits", "3"], "bits=3 sets the quantized base of method 'qlora'"),
+    (["--method", "lora", "--init", "loftq"], "init='loftq' quantizes the base"),
+    (["--method", "adapter", "--init", "pissa"], "init='pissa' starts a LoRA adapter; method 'adapter' has none"),
+    (["--init", "loftq", "--compute-dtype", "bfloat16"], "computes in float32 here"),
+    (["--compare", "--bits", "2"], "--init and --bits apply to one --method"),
+    (["--init", "eva"], "invalid choice: 'eva'"),
+    (["--bits", "8"], "invalid choice: 8"),
+])
+def test_nonsense_combinations_are_refused_by_the_parser(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        finetune.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_flags_reach_the_config():
+    cfg, _ = finetune.parse_args(["--bits", "2", "--init", "pissa"])
+    assert (cfg.method, cfg.bits, cfg.init) == ("qlora", 2, "pissa")
+    cfg, _ = finetune.parse_args([])
+    assert (cfg.bits, cfg.init) == (4, "kaiming")
+
+
+@torch.no_grad()
+def relative_error(model, originals) -> float:
+    """sqrt(sum ||W - (base + s B A)||^2 / sum ||W||^2) over the block linears, float64."""
+    num = den = 0.0
+    for name, layer in block_linears(model):
+        base = layer.base_layer
+        W0 = base.dequantize(torch.float32) if isinstance(base, LinearNF4) else base.weight
+        BA = layer.lora_B["default"].weight.double() @ layer.lora_A["default"].weight.double()
+        W = originals[name].double()
+        num += float((W - W0.double() - layer.scaling["default"] * BA).pow(2).sum())
+        den += float(W.pow(2).sum())
+    return (num / den) ** 0.5
+
+
+@pytest.mark.parametrize("init, bits", [("kaiming", 3), ("loftq", 2), ("pissa", 4), ("olora", 3)])
+def test_prepare_builds_the_base_and_the_start(tiny_gguf, init, bits):
+    torch.manual_seed(0)
+    model, _ = load_model("qlora", tiny_gguf, bits=bits, init=init)
+    originals = {n: m.weight.detach().clone() for n, m in block_linears(model)} if init != "kaiming" else None
+    model, info = prepare(model, "qlora", r=4, alpha=8, init=init, bits=bits)
+    layers = block_linears(model)
+    assert len(layers) == 2 * len(BLOCK_LINEARS)
+    for _, layer in layers:
+        assert isinstance(layer, LoRALinear) and layer.base_layer.quant_type == f"nf{bits}"
+    assert lora_configs(model)["default"].init == init  # a saved file says which init rewrote the base
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n, _ in model.named_parameters() if ".lora_" in n}
+    if init == "kaiming":
+        assert all(not layer.lora_B["default"].weight.detach().any() for _, layer in layers)
+        return
+    start = relative_error(model, originals)
+    plain = model_with_b_zero(tiny_gguf, bits)
+    # LoftQ T=1 keeps Q = quant(W) and adds the best rank-r fit of W - Q: never worse than B = 0.
+    # QPiSSA / OLoRA quantize a residual; on this random model they too start closer to W.
+    assert start < plain, (start, plain)
+
+
+def model_with_b_zero(tiny_gguf, bits) -> float:
+    model, _ = load_model("qlora", tiny_gguf, bits=4, init="pissa")  # dense (init pissa loads unquantized)
+    originals = {n: m.weight.detach().clone() for n, m in block_linears(model)}
+    model, _ = prepare(model, "qlora", r=4, alpha=8, bits=bits)
+    return relative_error(model, originals)
+
+
+def test_prepared_base_of_another_width_is_refused(tiny_gguf):
+    model, _ = load_model("qlora", tiny_gguf)  # NF4 while loading
+    with pytest.raises(ValueError, match="already a nf4 layer; bits=3"):
+        prepare(model, "qlora", r=4, alpha=8, bits=3)
+    with pytest.raises(ValueError, match="needs its full-precision weight"):
+        prepare(model, "qlora", r=4, alpha=8, init="pissa")
+
+
+def test_loftq_nf3_run_saves_and_reloads_onto_the_rewritten_base(tmp_path, tiny_gguf):
+    cfg = finetune.FinetuneConfig(steps=1, batch_size=2, n_train=4, n_eval=2, eval_batch=2, threads=1, show=0, r=4,
+                                  alpha=8, out=str(tmp_path / "run"), gguf=str(tiny_gguf), init="loftq", bits=3)
+    res = finetune.run(cfg)
+    assert (res["init"], res["bits"]) == ("loftq", 3)
+    assert res["same_predictions_reloaded"] == 2 and res["acc_reloaded"] == res["acc"]
