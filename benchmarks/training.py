@@ -28,10 +28,15 @@ Three modes (`--modes`):
   with `use_reentrant=False` for the peer);
 - masked: the demo's real batches (`examples/task.py`, prompt + answer as generated,
   batch size and order as `make demo` trains, right-padded), prompt tokens masked out of
-  the loss (labels -100). This project projects only the scored positions onto the
-  vocabulary (`examples/training.py`, `lm_loss`); transformers + PEFT is called as its
-  users call it, `model(input_ids, labels=labels)`, which computes logits everywhere and
-  masks afterwards. Tokens/s counts the batch's real (unpadded) tokens.
+  the loss (labels -100). This project trains as the demo does (`examples/training.py`,
+  `lm_loss`): the layers compute the real tokens only, the prompt prefix every row shares
+  once (`Llama.hidden(idx, lengths=...)`), and the vocabulary projection the scored
+  positions only; transformers + PEFT is called as its users call it,
+  `model(input_ids, labels=labels)`, which computes every position of the padded batch
+  and masks afterwards. Tokens/s counts the batch's real (unpadded) tokens.
+
+Rows are merged into benchmarks/results/training.csv: a run replaces the rows it measured
+again and keeps the others; the plot is drawn from the merged file.
 
     python benchmarks/training.py            # about 10-15 minutes on 2 cores
     python benchmarks/training.py --steps 2 --providers loralab --modes plain
@@ -54,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import RESULTS_DIR, make_row, write_rows  # noqa: E402
+from benchmarks.common import RESULTS_DIR, make_row, read_rows, write_rows  # noqa: E402
 
 METHODS = ("full", "lora", "qlora")
 PROVIDERS = ("loralab", "hf-peft")
@@ -328,7 +333,7 @@ def worker(provider: str, method: str, mode: str, steps: int, batch: int, seq: i
 def _run_json(mode: list[str], args) -> dict | None:
     """Run this script in a new process (`mode` + the shared settings); its last JSON line."""
     cmd = [sys.executable, __file__, *mode, "--batch-size", str(args.batch_size),
-           "--seq-len", str(args.seq_len), "--r", str(args.r)]
+           "--seq-len", str(args.seq_len), "--r", str(args.r), "--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -357,7 +362,8 @@ def run_all(args) -> list[dict]:
                 if res is None:
                     continue
                 tps = res["tokens_per_s"]
-                print("  " + ", ".join(f"{p} {v:.0f} tokens/s" for p, v in tps.items()))
+                print("  " + ", ".join(f"{p} {v:.0f} tokens/s (steps {', '.join(f'{t:.2f}' for t in res['step_times'][p])} s)"
+                                       for p, v in tps.items()))
                 for r_ in results:
                     if (r_["method"], r_["mode"]) == (method, mode):
                         r_["duel_tokens_per_s"] = tps[r_["provider"]]
@@ -365,9 +371,10 @@ def run_all(args) -> list[dict]:
 
 
 def _shape(args, mode: str) -> str:
+    threads = "" if args.threads == 2 else f" threads={args.threads}"  # rows of 2 threads keep their names
     if mode == "masked":
-        return f"demo batches B={demo_batch_size()} r={args.r}"
-    return f"B={args.batch_size} T={args.seq_len} r={args.r}" + (" ckpt" if mode == "ckpt" else "")
+        return f"demo batches B={demo_batch_size()} r={args.r}{threads}"
+    return f"B={args.batch_size} T={args.seq_len} r={args.r}{threads}" + (" ckpt" if mode == "ckpt" else "")
 
 
 def _tps(res: dict) -> float:
@@ -411,9 +418,20 @@ def report(results: list[dict], args) -> None:
                 print(f"  {mode} {m}: estimator {a['estimate_total'] / 2**20:.1f} MiB (held + saved); the "
                       f"live peak {a['live_peak_bytes'] / 2**20:.1f} MiB adds the loss's logits-sized transients")
     _goals(by)
-    path = write_rows(Path(args.out) / "training.csv", rows)
-    print(f"wrote {path}")
-    _plot(results, args, Path(args.out) / "training.png")
+    path = Path(args.out) / "training.csv"
+    merged = merge_rows(read_rows(path) if path.exists() else [], rows)
+    write_rows(path, merged)
+    print(f"wrote {path} ({len(rows)} rows of this run, {len(merged) - len(rows)} kept from earlier runs)")
+    _plot(merged, Path(args.out) / "training.png")
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """The rows of earlier runs that this run did not measure again (another method, mode or
+    shape), then this run's: a run of one mode updates its rows and keeps the others."""
+    def key(row):
+        return row["benchmark"], row["provider"], row["shape"], row["metric"]
+    fresh = {key(r) for r in new}
+    return [r for r in old if key(r) not in fresh] + list(new)
 
 
 def _goals(by: dict) -> None:
@@ -433,21 +451,34 @@ def _goals(by: dict) -> None:
         print(f"  QLoRA on the demo's masked batches: tokens/s x{t:.2f} (goal >= 1.2), live peak x{m:.2f} (goal <= 1)")
 
 
-def _plot(results: list[dict], args, path: Path) -> None:
+def _mode_of(shape: str) -> str:
+    """The mode a row's shape was written for (`_shape`)."""
+    return "masked" if shape.startswith("demo batches") else "ckpt" if shape.endswith(" ckpt") else "plain"
+
+
+def _threads_of(shape: str) -> int:
+    return int(shape.split("threads=")[1].split()[0]) if "threads=" in shape else 2
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    """Live peak and tokens/s of every (mode, method) the CSV holds for both providers."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [(mode, m) for mode in args.modes for m in METHODS if m in args.methods]
+    value = {(r["provider"], _mode_of(r["shape"]), _threads_of(r["shape"]), r["metric"]): float(r["value"])
+             for r in rows}
+    groups = [(mode, m, t) for mode in MODES for m in METHODS for t in sorted({k[2] for k in value}, reverse=True)
+              if all((f"{prov}-{m}", mode, t, "live_peak_bytes") in value for prov in PROVIDERS)]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for ax, label, get in ((axes[0], "live peak tensor memory (MiB)", lambda r: r["live_peak_bytes"] / 2**20),
-                           (axes[1], "tokens / s", _tps)):
+    for ax, label, metric, scale in ((axes[0], "live peak tensor memory (MiB)", "live_peak_bytes", 2**-20),
+                                     (axes[1], "tokens / s", "tokens_per_s", 1.0)):
         for i, prov in enumerate(PROVIDERS):
-            vals = [next((get(r) for r in results
-                          if (r["provider"], r["method"], r["mode"]) == (prov, m, mode)), 0)
-                    for mode, m in groups]
+            vals = [value.get((f"{prov}-{m}", mode, t, metric), 0.0) * scale for mode, m, t in groups]
             ax.bar([j + 0.38 * i for j in range(len(groups))], vals, width=0.38, label=prov)
-        ax.set_xticks([j + 0.19 for j in range(len(groups))], [f"{m}\n{mode}" for mode, m in groups], fontsize=8)
+        ax.set_xticks([j + 0.19 for j in range(len(groups))],
+                      [f"{m}\n{mode}" + ("" if t == 2 else f"\n{t} thread{'s' * (t > 1)}") for mode, m, t in groups],
+                      fontsize=8)
         ax.set_ylabel(label)
         ax.legend()
     fig.suptitle("SmolLM2-135M training step, CPU, fp32 compute (plain: random tokens; ckpt: gradient "
@@ -471,8 +502,13 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--out", default=str(RESULTS_DIR))
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                   help="torch threads (default 2; 1 on a machine other jobs share: two threads "
+                        "that wait for each other lose most of their time when a core is taken)")
     args = p.parse_args(argv)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    if args.threads < 1:
+        p.error(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     if args.worker:
         print(json.dumps(worker(*args.worker, args.steps, args.batch_size, args.seq_len, args.r)))
         return 0

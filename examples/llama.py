@@ -111,9 +111,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0, packing=None):
         """x: (B, T, dim); cos/sin: (B, 1, T, head_dim/2); mask: None (causal) or a
-        boolean (B, 1, T, S) of allowed keys; cache: a `KVCache` or None."""
+        boolean (B, 1, T, S) of allowed keys; cache: a `KVCache` or None.
+        With a `Packing`: x (N, dim) and cos/sin (N, 1, head_dim/2), the batch's computed tokens."""
+        if packing is not None:
+            return self._forward_packed(x, cos, sin, packing)
         B, T, _ = x.shape
         cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, hd/2)
         # RoPE before the head transpose: q stays (B, T, H, hd) in memory, so attention's output
@@ -132,6 +135,23 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H * hd)
         return self.o_proj(y)
+
+    def _forward_packed(self, x, cos, sin, packing: "Packing"):
+        """Projections and RoPE on the N computed tokens; attention on the rows laid out
+        again (B, T), causal, so no real token sees a pad (attention is the only place
+        where tokens meet, and on these short rows the cheaper place for padding)."""
+        N = x.shape[0]
+        B, T = packing.index.shape
+        rows = packing.index.flatten()  # (B * T,): the computed token each position reads
+        q = apply_rope(self.q_proj(x).view(N, self.n_heads, self.head_dim), cos, sin)  # (N, H, hd)
+        k = apply_rope(self.k_proj(x).view(N, self.n_kv_heads, self.head_dim), cos, sin)  # (N, Hkv, hd)
+        v = self.v_proj(x).view(N, self.n_kv_heads, self.head_dim)  # (N, Hkv, hd)
+        # index_select: its backward adds the rows' gradients into a shared prefix token
+        q, k, v = (t.index_select(0, rows).view(B, T, *t.shape[1:]).transpose(1, 2)
+                   for t in (q, k, v))  # (B, heads, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)  # (B, H, T, hd)
+        y = y.transpose(1, 2).reshape(B * T, self.n_heads * self.head_dim)  # (B * T, H * hd)
+        return self.o_proj(y.index_select(0, packing.source))  # (N, dim)
 
 
 class MLP(nn.Module):
@@ -157,8 +177,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0, packing=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, packing)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -217,6 +237,58 @@ def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tens
     return idx, valid
 
 
+@dataclass
+class Packing:
+    """Which positions of a right-padded batch (B, T) are computed, and where each row reads them.
+
+    Padding-free training (as flash-attn's varlen kernels and Hugging Face's
+    `DataCollatorWithFlattening`): embeddings, norms, linears and the MLP run on the N
+    computed tokens (N, dim); only attention lays the rows out again. A row's positions from
+    its length on are pads: with causal attention no real token sees them, so they are not
+    computed. The prefix every row shares (a chat template, an instruction) is computed once,
+    in row 0: with causal attention its hidden states are the same in every row, and in
+    backward the rows' gradients add up in that one copy (`index_select`'s backward).
+    """
+
+    source: torch.Tensor  # (N,) flat position b * T + t of each computed token, row by row
+    index: torch.Tensor  # (B, T) the computed token position (b, t) reads (a pad reads token 0: never seen)
+    valid: torch.Tensor  # (B, T) bool, t < lengths[b]
+
+    @classmethod
+    def of(cls, idx: torch.Tensor, lengths: torch.Tensor, share_prefix: bool = True) -> "Packing":
+        """The packing of token ids `idx` (B, T) whose row b holds `lengths[b]` real tokens."""
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            raise ValueError(f"idx must be a (B, T) tensor of token ids with lengths, got "
+                             f"{tuple(idx.shape) if isinstance(idx, torch.Tensor) else type(idx).__name__}")
+        B, T = idx.shape
+        if not isinstance(lengths, torch.Tensor) or lengths.dtype not in (torch.int32, torch.int64) \
+                or tuple(lengths.shape) != (B,):
+            got = f"{lengths.dtype} {tuple(lengths.shape)}" if isinstance(lengths, torch.Tensor) else type(lengths).__name__
+            raise TypeError(f"lengths must be an int64 or int32 tensor of shape ({B},) (one per row), got {got}")
+        lengths = lengths.to(idx.device)
+        if B and not bool(((lengths >= 1) & (lengths <= T)).all()):
+            raise ValueError(f"lengths must be between 1 and T={T} (right padding), got {lengths.tolist()}")
+        steps = torch.arange(T, device=idx.device)  # (T,)
+        valid = steps < lengths[:, None]  # (B, T)
+        shared = 0  # leading positions where every row holds the same real token
+        if share_prefix and B > 1:
+            differs = (~(idx == idx[:1]).all(0)).nonzero()  # (k, 1) positions where some row differs
+            shared = min(int(differs[0]) if len(differs) else T, int(lengths.min()))
+        own = valid.clone()  # (B, T): computed in this row
+        own[1:, :shared] = False
+        source = own.flatten().nonzero().squeeze(1)  # (N,)
+        index = torch.zeros(B * T, dtype=torch.long, device=idx.device)  # (B * T,)
+        index[source] = torch.arange(source.numel(), device=idx.device)
+        index = index.view(B, T)
+        index[1:, :shared] = steps[:shared]  # row 0's tokens come first: packed 0..shared-1
+        return cls(source=source, index=index, valid=valid)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(N,) position of each computed token in its row."""
+        return self.source % self.index.shape[1]
+
+
 class Llama(nn.Module):
     """A Llama causal language model (Touvron et al. 2023)."""
 
@@ -259,14 +331,30 @@ class Llama(nn.Module):
 
     def hidden(self, idx: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                mask: torch.Tensor | None = None, cache: KVCache | None = None,
-               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+               inputs_embeds: torch.Tensor | None = None, lengths: torch.Tensor | None = None
+               ) -> torch.Tensor:
         """Final normalised hidden states (B, T, dim); arguments as `forward`.
 
         Training on answer tokens only can apply `lm_head` to those positions alone
         (the vocabulary projection is a fifth of this model's FLOPs).
+
+        `lengths` (B,) int: the rows of `idx` are right-padded, row b holding `lengths[b]`
+        real tokens; the layers then compute only those, and the prefix all rows share once
+        (`Packing`), as fine-tuning on prompt + answer pairs needs (`examples/training.py`).
+        The same states as without `lengths` at every real position (up to rounding); pads
+        are 0. Plain causal positions only: no `positions`, `mask`, `cache` or `inputs_embeds`.
         """
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx (token ids) or inputs_embeds")
+        if lengths is not None:
+            if positions is not None or mask is not None or cache is not None or inputs_embeds is not None:
+                raise ValueError("lengths (right-padded rows) takes token ids idx only: positions, mask, "
+                                 "cache and inputs_embeds must be None with it")
+            packing = Packing.of(idx, lengths)
+            # The plain path when nothing is left out, or in a mixed-adapter batch
+            # (`lora.use_adapters`), whose layers pick each row's adapter by its batch index.
+            if packing.source.numel() < idx.numel() and not self._rows_routed():
+                return self._hidden_packed(idx, packing)
         x = self.model.embed_tokens(idx) if inputs_embeds is None else inputs_embeds  # (B, T, dim)
         B, T = x.shape[:2]
         if positions is None:
@@ -275,6 +363,27 @@ class Llama(nn.Module):
             raise ValueError(f"sequence longer than max_seq_len={self.config.max_seq_len}")
         cfg = self.config
         cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_base, upcast(x).dtype)
+        return self.model.norm(self._blocks(x, cos, sin, mask, cache))
+
+    def _hidden_packed(self, idx: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """`hidden` computed on the packing's N tokens, laid out as (B, T, dim) at the end."""
+        B, T = idx.shape
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence longer than max_seq_len={self.config.max_seq_len}")
+        x = self.model.embed_tokens(idx.flatten().index_select(0, packing.source))  # (N, dim)
+        cos, sin = rope_angles(packing.positions[None], self.config.head_dim, self.config.rope_base,
+                               upcast(x).dtype)  # (1, 1, N, hd/2) each
+        cos, sin = cos[0, 0, :, None], sin[0, 0, :, None]  # (N, 1, hd/2): per token, all heads
+        x = self.model.norm(self._blocks(x, cos, sin, packing=packing))  # (N, dim)
+        out = x.index_select(0, packing.index.flatten()).view(B, T, -1)  # (B, T, dim)
+        return out.masked_fill(~packing.valid[..., None], 0)
+
+    def _rows_routed(self) -> bool:
+        """Whether a mixed-adapter batch runs (`lora.use_adapters`: rows matter to the layers)."""
+        return any(getattr(m, "row_adapters", None) is not None for m in self.modules())
+
+    def _blocks(self, x, cos, sin, mask=None, cache=None, packing=None) -> torch.Tensor:
+        """The transformer blocks, each checkpointed when `grad_checkpointing` is on."""
         if not isinstance(self.grad_checkpointing, bool):
             raise TypeError(f"grad_checkpointing must be a bool, got {self.grad_checkpointing!r}")
         # Checkpoint only when something will run backward (not in generation or no_grad).
@@ -282,10 +391,10 @@ class Llama(nn.Module):
         for i, block in enumerate(self.model.layers):
             if ckpt:  # use_reentrant=False: the variant PyTorch recommends (works with kwargs,
                 # frozen inputs and autocast; the reentrant one needs an input requiring grad)
-                x = checkpoint(block, x, cos, sin, mask, None, i, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, mask, None, i, packing, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache, i)
-        return self.model.norm(x)
+                x = block(x, cos, sin, mask, cache, i, packing)
+        return x
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int = 64,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from examples.llama import upcast
+from examples.llama import Llama, upcast
 from examples.scoring import scores
 from examples.task import CHATML, ChatFormat, Example, completion, prompt
 
@@ -44,9 +44,17 @@ def lm_loss(model, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the answer tokens.
 
     The vocabulary projection runs on the scored positions only: the same loss as
-    `cross_entropy(model(idx), targets, ignore_index=IGNORE)`, with a third of the work."""
+    `cross_entropy(model(idx), targets, ignore_index=IGNORE)`, with a third of the work.
+    The in-repo `Llama` also leaves out what no scored position sees (`Llama.hidden`'s
+    `lengths`): with causal attention a row's tokens after its last scored position (its
+    padding) change nothing, and the prefix every row shares is computed once."""
     keep = targets != IGNORE  # (B, T)
-    h = model.hidden(idx)[keep]  # (N, dim): the N answer positions
+    if isinstance(model, Llama):
+        steps = torch.arange(1, targets.shape[1] + 1, device=targets.device)  # (T,)
+        lengths = (keep * steps).amax(1).clamp(min=1) if keep.numel() else None  # (B,) last scored + 1
+        h = model.hidden(idx, lengths=lengths)[keep]  # (N, dim): the N answer positions
+    else:
+        h = model.hidden(idx)[keep]
     logits = model.lm_head(h)  # (N, vocab)
     return F.cross_entropy(upcast(logits), targets[keep])
 
