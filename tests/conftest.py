@@ -29,3 +29,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A tiny random two-block Llama GGUF file (blocksize 64 divides every width) for the
+    fine-tuning pipeline's tests; test_own_data.py overrides it with a one-block model."""
+    pytest.importorskip("gguf")
+    from test_llama_gguf import write_tiny_gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    write_tiny_gguf(path, dim=64, n_layers=2, n_heads=4, n_kv=2, ffn=128)
+    return path

@@ -6,20 +6,11 @@ import torch
 pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
 
-from test_llama_gguf import write_tiny_gguf
-
 from examples import finetune
 from examples.methods import BLOCK_LINEARS, block_linears, load_model, prepare
 from lora import LoRALinear
 from lora.model_state import lora_configs
 from quant import LinearNF4
-
-
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    write_tiny_gguf(path, dim=64, n_layers=2, n_heads=4, n_kv=2, ffn=128)  # blocksize 64 divides all
-    return path
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -19,13 +19,6 @@ from lora import LoRALinear
 from quant import LinearNF4
 
 
-@pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    write_tiny_gguf(path, dim=64, n_layers=2, n_heads=4, n_kv=2, ffn=128)  # blocksize 64 divides all
-    return path
-
-
 def small_cfg(tmp_path, tiny_gguf, **kw):
     base = dict(steps=3, batch_size=2, n_train=8, n_eval=3, eval_batch=2, threads=1, show=2,
                 out=str(tmp_path / "run"), gguf=str(tiny_gguf))
