@@ -193,14 +193,12 @@ class LoRAConv(LoRALayer):
         result = self.base_layer(x, *args, **kwargs)  # (N, out, *spatial)
         if self.disabled or self.merged or not self.active_adapters:
             return result
-        base_out = result
-        for name in self.active_adapters:
-            if name in self.lora_variant:
-                result = self.lora_variant[name].forward(self, name, x, result, base_out)
-                continue
-            A, B = self.lora_A[name], self.lora_B[name]
-            result = result + (B(A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling[name]).to(result.dtype)
-        return result
+        return self._add_updates(x, result, self._conv_update)
+
+    def _conv_update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The plain LoRA update of adapter `name`: `scaling * B(A(dropout(x)))`, (N, out, *spatial)."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        return B(A(self.lora_dropout[name](x.to(A.weight.dtype)))) * self.scaling[name]
 
 
 class LoRAConv1d(LoRAConv):

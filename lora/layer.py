@@ -314,6 +314,18 @@ class LoRALayer(nn.Module):
         self._follow_training_flag(adapter_name)
         self.lora_magnitude_vector[adapter_name].weight.requires_grad_(adapter_name in self.active_adapters)
 
+    def _add_updates(self, x: torch.Tensor, result: torch.Tensor, update) -> torch.Tensor:
+        """`result` (the base layer's output) plus every active adapter's update: its variant's
+        forward where it has one (DoRA, which also reads the base output as it came), else
+        `update(name, x)`, the layer type's plain LoRA update, cast to `result`'s dtype."""
+        base_out = result
+        for name in self.active_adapters:
+            if name in self.lora_variant:
+                result = self.lora_variant[name].forward(self, name, x, result, base_out)
+            else:
+                result = result + update(name, x).to(result.dtype)
+        return result
+
     def _check_known(self, adapter_name, name: str = "adapter_name") -> str:
         """A valid name of an adapter this layer has, else ValueError/TypeError naming `name`."""
         check_adapter_name(adapter_name, name)
@@ -811,12 +823,7 @@ class LoRALinear(LoRALayer):
         x2d = x.reshape(-1, x.shape[-1])  # (N, in): 2-D, so the output can be updated without views
         result = self.base_layer(x2d, *args, **kwargs)  # (N, out)
         if any(name in self.lora_variant for name in self.active_adapters):
-            base_out = result
-            for name in self.active_adapters:
-                if name in self.lora_variant:
-                    result = self.lora_variant[name].forward(self, name, x2d, result, base_out)
-                else:
-                    result = result + self._lora_update(name, x2d).to(result.dtype)
+            result = self._add_updates(x2d, result, self._lora_update)
             return result.view(*x.shape[:-1], result.shape[-1])  # (..., out)
         for name in self.active_adapters:
             A, B = self.lora_A[name], self.lora_B[name]
@@ -997,14 +1004,12 @@ class LoRAEmbedding(LoRALayer):
         result = self.base_layer(x)
         if self.disabled or self.merged:
             return result
-        base_out = result
-        for name in self.active_adapters:
-            if name in self.lora_variant:
-                result = self.lora_variant[name].forward(self, name, x, result, base_out)
-                continue
-            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            h = self.embed(x, A.T)  # (..., r)
-            result = result + ((h * self.scaling[name]) @ B.T).to(result.dtype)
-        return result
+        return self._add_updates(x, result, self._embedding_update)
+
+    def _embedding_update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The plain LoRA update of adapter `name`: `scaling * A^T[x] @ B^T`, (..., embedding_dim)."""
+        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        h = self.embed(x, A.T)  # (..., r)
+        return (h * self.scaling[name]) @ B.T
 
     row_path_forward = forward  # this forward has the per-row branch (lora/row_batch.py's check)
