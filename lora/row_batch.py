@@ -233,17 +233,14 @@ _STACKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> (
 def _kernel_stacks(layer, names: list[str]):
     """The layer's A and B of `names`, stacked and zero-padded to the largest rank (kernels'
     layout) with their float32 scalings; differentiable stacks built each call when a weight
-    needs a gradient, else `_stacks`' cached ones."""
-    from loralab_kernels.segmented import stack_padded
-
+    needs a gradient, else `_stacks`' cached ones. (`_use_kernels` admits one weight dtype.)"""
     params = [(layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
-    dtype, device = params[0][0].dtype, params[0][0].device
+    s = torch.tensor([layer.scaling[n] for n in names], dtype=torch.float32, device=params[0][0].device)
     if torch.is_grad_enabled() and any(p.requires_grad for pair in params for p in pair):
-        s = torch.tensor([layer.scaling[n] for n in names], dtype=torch.float32, device=device)
         # training: differentiable stacks (gradients flow back to each A and B), built each call
-        return stack_padded([p[0] for p in params], 0, dtype), stack_padded([p[1] for p in params], 1, dtype), s
+        return stack_weights([p[0] for p in params], 0), stack_weights([p[1] for p in params], 1), s
     a, b = _stacks(layer, names)
-    return a, b, torch.tensor([layer.scaling[n] for n in names], dtype=torch.float32, device=device)
+    return a, b, s
 
 
 def _stacks(layer, names: list[str], b_rows_last: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
