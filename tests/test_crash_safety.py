@@ -1,14 +1,16 @@
 """Saving an adapter is atomic: SIGKILL at random moments never leaves a folder that is
 neither the previous complete adapter nor the new one.
 
-A forked child saves versions k0, k0+1, ... in a loop and reports each finished save
-through a pipe; the parent kills it with SIGKILL after a random delay, then loads the
-folder. Version k has rank 2 (k even) or 4 (k odd) and weights that are a function of k,
+A forked child builds its two models, says it is ready, then saves versions k0, k0+1, ... in
+a loop and reports each finished save through a pipe; the parent kills it with SIGKILL a
+random delay after the ready signal (so the delay is spent saving, however slow the set-up
+on a loaded machine), then loads the folder. Version k has rank 2 (k even) or 4 (k odd) and weights that are a function of k,
 so a survivor proves exactly which version it is, and a mix of two versions (weights of
 one, config of the other) cannot pass.
 """
 import os
 import random
+import select
 import signal
 import struct
 import time
@@ -45,10 +47,15 @@ def expected_tensors(k: int) -> dict[str, torch.Tensor]:
             for path, layer in lora_layers(version_model(k)) for name in ("lora_A", "lora_B")}
 
 
+READY = -1  # the child's first message: models built, saving starts now
+
+
 def saver(directory, k0: int, write_fd: int) -> None:
-    """Child: save versions k0, k0+1, ... forever, writing each finished k to the pipe."""
+    """Child: save versions k0, k0+1, ... forever, writing READY first and then each finished k
+    to the pipe."""
     torch.set_num_threads(1)
     models = {k0 % 2: version_model(k0), (k0 + 1) % 2: version_model(k0 + 1)}
+    os.write(write_fd, struct.pack("<q", READY))
     k = k0
     while True:
         model = models[k % 2]
@@ -82,6 +89,13 @@ def survivor_version(directory) -> int:
     return k
 
 
+def wait_ready(read_fd: int, timeout: float = 120.0) -> None:
+    """Block until the child's READY message (8 bytes), at most `timeout` seconds."""
+    ready, _, _ = select.select([read_fd], [], [], timeout)
+    assert ready, f"the saving child did not start within {timeout} s"
+    assert struct.unpack("<q", os.read(read_fd, 8))[0] == READY
+
+
 def read_finished(read_fd: int) -> list[int]:
     data = b""
     while True:
@@ -113,6 +127,7 @@ def test_sigkill_during_saves_leaves_old_or_new_adapter(tmp_path):
             finally:
                 os._exit(1)
         os.close(write_fd)
+        wait_ready(read_fd)
         time.sleep(rng.uniform(0.0, 0.12))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
