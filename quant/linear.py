@@ -52,7 +52,7 @@ class Linear4bit(nn.Module):
         compute_dtype: dtype of the matmul: bfloat16 (default, QLoRA's) or float32/float16.
 
     Buffers: `weight_packed` ((n + 1) // 2,) uint8, `absmax`, and with double quantization
-    `offset`, `nested_absmax`; non-persistent `code`, `nested_code`: the code books, one
+    `offset`, `nested_absmax`; non-persistent `code_book`, `nested_code_book`: the code books, one
     tensor per device shared by every layer (`quant.codes.shared_code`).
     Shapes: x (..., in_features) -> (..., out_features), in x's dtype.
 
@@ -99,11 +99,11 @@ class Linear4bit(nn.Module):
         packed, state = quantize_4bit(weight, self.quant_type, self.blocksize, self.double_quant)
         self.register_buffer("weight_packed", packed)
         self.register_buffer("absmax", state.absmax)
-        self.register_buffer("code", shared_code(self.quant_type, packed.device), persistent=False)
+        self.register_buffer("code_book", shared_code(self.quant_type, packed.device), persistent=False)
         if self.double_quant:
             self.register_buffer("offset", state.offset)
             self.register_buffer("nested_absmax", state.nested_absmax)
-            self.register_buffer("nested_code", shared_code("dynamic8", packed.device), persistent=False)
+            self.register_buffer("nested_code_book", shared_code("dynamic8", packed.device), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
@@ -136,14 +136,14 @@ class Linear4bit(nn.Module):
     def quant_state(self) -> QuantState:
         """The `QuantState` of the weight, built from the buffers (shares their storage)."""
         device = self.weight_packed.device
-        code = self.code if self.code.device == device else shared_code(self.quant_type, device)
+        code = self.code_book if self.code_book.device == device else shared_code(self.quant_type, device)
         state = QuantState(absmax=self.absmax, shape=torch.Size((self.out_features, self.in_features)),
                            dtype=self.weight_dtype, blocksize=self.blocksize, quant_type=self.quant_type,
                            code=code)
         if self.double_quant:
             state.offset = self.offset
             state.nested_absmax = self.nested_absmax
-            state.nested_code = self.nested_code if self.nested_code.device == device \
+            state.nested_code = self.nested_code_book if self.nested_code_book.device == device \
                 else shared_code("dynamic8", device)
             state.nested_blocksize = NESTED_BLOCKSIZE
         return state
@@ -263,9 +263,9 @@ class Linear4bit(nn.Module):
             new = self._buffers[name]
             if new.dtype != old.dtype:
                 self._buffers[name] = new = old.to(new.device)
-            if name == "code":
+            if name == "code_book":
                 self._buffers[name] = shared_code(self.quant_type, new.device)
-            elif name == "nested_code":
+            elif name == "nested_code_book":
                 self._buffers[name] = shared_code("dynamic8", new.device)
         return self
 

@@ -176,14 +176,20 @@ def test_wrappers_validate_before_the_op():
 
 
 def test_export_traces_the_layer_to_one_op():
-    """torch.export sees the 4-bit math as one `loralab.linear_4bit` node (its fake kernel).
-    (`ep.module()` is not run: unlifting refuses the layer's shared non-persistent `code`
-    buffer, "attribute 'code' already exists", a matter of the layer's buffers, not of the op.)"""
-    layer = quant.Linear4bit(64, 24, compute_dtype=torch.float32)
-    ep = torch.export.export(layer, (torch.randn(3, 64),))
-    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
-    assert targets.count("loralab.linear_4bit.default") == 1, targets
-    assert not any("dequantize" in t or "mm" in t for t in targets), targets
+    """torch.export sees the 4-bit math as one `loralab.linear_4bit` node (its fake kernel), and
+    the exported program, unlifted back into a module, gives the layer's exact output. (The
+    layer's code book buffer is `code_book`: a buffer named `code` at the root clashes with
+    `torch.fx.GraphModule.code` when `ep.module()` unlifts it.)"""
+    torch.manual_seed(0)
+    for double_quant in (True, False):
+        layer = quant.Linear4bit(64, 24, compute_dtype=torch.float32, double_quant=double_quant)
+        x = torch.randn(3, 64)
+        ep = torch.export.export(layer, (x,))
+        targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+        assert targets.count("loralab.linear_4bit.default") == 1, targets
+        assert not any("dequantize" in t or "mm" in t for t in targets), targets
+        x2 = torch.randn(3, 64)
+        assert torch.equal(ep.module()(x2), layer(x2))
 
 
 def test_names():

@@ -84,7 +84,7 @@ def test_state_dict_roundtrip_and_buffers_move(tmp_path):
     x = torch.randn(4, 96)
     torch.testing.assert_close(fresh(x), layer(x), atol=0, rtol=0)
     layer.half()  # casts the bias only; absmax and code books stay float32
-    assert layer.nested_absmax.dtype == torch.float32 and layer.code.dtype == torch.float32
+    assert layer.nested_absmax.dtype == torch.float32 and layer.code_book.dtype == torch.float32
     assert torch.equal(layer.dequantize(torch.float32), fresh.dequantize(torch.float32))
 
 
@@ -156,18 +156,18 @@ def test_code_books_are_shared_by_all_layers():
     model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 64), nn.Linear(64, 32, bias=False))
     quantize_model(model)
     layers = list(model)
-    for name, key in (("code", "nf4"), ("nested_code", "dynamic8")):
+    for name, key in (("code_book", "nf4"), ("nested_code_book", "dynamic8")):
         ptrs = {getattr(m, name).data_ptr() for m in layers}
         assert ptrs == {shared_code(key).data_ptr()}, name  # one tensor, not one per layer
-    assert torch.equal(layers[0].code, get_code("nf4"))
+    assert torch.equal(layers[0].code_book, get_code("nf4"))
     # the model's bytes: each layer's codes and scales, the bias, and the code books once
     expected = sum(nf4_storage_bytes(m.in_features * m.out_features) for m in layers)
     expected += sum(4 * m.out_features for m in layers if m.bias is not None)
     assert tensor_bytes(model)["weights"] == expected + code_book_bytes(True)
     # .half() casts the bias, never the float32 code books, and they stay shared
     model.half()
-    assert {m.code.data_ptr() for m in layers} == {shared_code("nf4").data_ptr()}
-    assert layers[0].code.dtype == torch.float32 and layers[0].bias.dtype == torch.float16
+    assert {m.code_book.data_ptr() for m in layers} == {shared_code("nf4").data_ptr()}
+    assert layers[0].code_book.dtype == torch.float32 and layers[0].bias.dtype == torch.float16
     x = torch.randn(3, 64)
     assert torch.isfinite(model(x.half())).all()
 
@@ -177,6 +177,6 @@ def test_fp4_and_int4_layers_use_their_own_code_book():
 
     a = LinearNF4.from_linear(make_linear(64, 8), quant_type="fp4", double_quant=False)
     b = LinearNF4.from_linear(make_linear(64, 8), quant_type="int4", double_quant=False)
-    assert torch.equal(a.code, get_code("fp4")) and torch.equal(b.code, get_code("int4"))
-    assert a.code.data_ptr() != b.code.data_ptr()
-    assert not hasattr(a, "nested_code") or a.nested_code is None
+    assert torch.equal(a.code_book, get_code("fp4")) and torch.equal(b.code_book, get_code("int4"))
+    assert a.code_book.data_ptr() != b.code_book.data_ptr()
+    assert not hasattr(a, "nested_code_book") or a.nested_code_book is None
