@@ -202,7 +202,7 @@ def run(cfg: FinetuneConfig, load=load_model) -> dict:
                                                                    desc="eval after", **eval_kw))
     res["saved_bytes"] = save_what_must_be_saved(model, cfg.method, out / "adapter")
     if cfg.method in ("lora", "qlora"):
-        write_prompt_file(out / "adapter", cfg.method, None if cfg.data else cfg.task)
+        write_prompt_file(out / "adapter", cfg.method, None if cfg.data else cfg.task, cfg.bits)
     res["peak_rss_bytes_before_reload"] = peak_rss_bytes()
     if cfg.reload and cfg.method in ("lora", "qlora"):
         del model
@@ -301,8 +301,9 @@ def parse_args(argv=None) -> tuple[FinetuneConfig, argparse.Namespace]:
         p.error("--generate after training needs --method lora or qlora (or a saved --adapter)")
     if args.data is not None and args.compare:
         p.error("--compare runs the built-in tasks; use --data with one --method at a time")
-    if args.generate is not None and (args.init != "kaiming" or args.bits != 4):
-        p.error("--generate loads adapters onto an NF4 base from a fresh model; it does not take --init or --bits")
+    if args.adapter is not None and (args.init != "kaiming" or args.bits != 4):
+        p.error("--adapter: the saved adapter's folder records its base's bits and its init "
+                "(loralab_prompt.json, adapter_config.json); --init and --bits are not taken")
     if args.compare and (args.init != "kaiming" or args.bits != 4):
         p.error("--init and --bits apply to one --method (lora or qlora), not to --compare")
     try:

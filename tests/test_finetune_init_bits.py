@@ -93,3 +93,72 @@ def test_loftq_nf3_run_saves_and_reloads_onto_the_rewritten_base(tmp_path, tiny_
     res = finetune.run(cfg)
     assert (res["init"], res["bits"]) == ("loftq", 3)
     assert res["same_predictions_reloaded"] == 2 and res["acc_reloaded"] == res["acc"]
+
+
+def test_generate_rebuilds_the_base_the_adapter_was_trained_on(tmp_path, tiny_gguf, monkeypatch):
+    """`--generate --adapter` reads the base's bits (loralab_prompt.json) and the init (the
+    adapter's config): an NF3 + LoftQ adapter gets the NF3 base LoftQ rewrote, the exact tensors
+    of the training run's own reload, not an NF4 base."""
+    import json
+
+    from examples import answer as answer_mod
+    from examples.methods import reload_adapter
+
+    cfg = finetune.FinetuneConfig(steps=1, batch_size=2, n_train=4, n_eval=2, eval_batch=2, threads=1, show=0, r=4,
+                                  alpha=8, out=str(tmp_path / "run"), gguf=str(tiny_gguf), init="loftq", bits=3,
+                                  reload=False)
+    finetune.run(cfg)
+    adapter = tmp_path / "run" / "adapter"
+    assert json.loads((adapter / "loralab_prompt.json").read_text()) == {"method": "qlora", "task": cfg.task,
+                                                                         "bits": 3}
+    seen = {}
+
+    def spy(model, method, directory, compute_dtype, bits):
+        reload_adapter(model, method, directory, compute_dtype, bits=bits)
+        seen["state"] = model.state_dict()
+
+    monkeypatch.setattr(answer_mod, "reload_adapter", spy)
+    tasks = {name: spec.wrap for name, spec in finetune.TASKS.items()}
+    assert isinstance(answer_mod.answer("hello", adapter, str(tiny_gguf), tasks=tasks, max_new_tokens=2), str)
+
+    def built(bits):
+        model, _ = load_model("qlora", tiny_gguf, bits=bits, init="loftq")
+        reload_adapter(model, "qlora", adapter, bits=bits)
+        return model.state_dict()
+
+    same, nf4 = built(3), built(4)
+    assert seen["state"].keys() == same.keys()
+    assert all(torch.equal(seen["state"][k], same[k]) for k in same)
+    assert any(not torch.equal(nf4[k], same[k]) for k in same)  # the bits matter: an NF4 base differs
+
+
+def test_prompt_file_bits(tmp_path):
+    import json
+
+    from examples.answer import read_prompt_file, write_prompt_file
+
+    tasks = {"t": None}
+    assert read_prompt_file(tmp_path, tasks) == ("qlora", None, 4)  # no file: PEFT's QLoRA on NF4
+    write_prompt_file(tmp_path, "qlora", "t", 2)
+    assert read_prompt_file(tmp_path, tasks) == ("qlora", "t", 2)
+    write_prompt_file(tmp_path, "lora", None, 4)  # bits are QLoRA's only
+    assert read_prompt_file(tmp_path, tasks) == ("lora", None, None)
+    path = tmp_path / "loralab_prompt.json"
+    path.write_text(json.dumps({"method": "qlora", "task": None}))  # written before "bits" existed
+    assert read_prompt_file(tmp_path, tasks) == ("qlora", None, 4)
+    for info, message in (({"bits": 5}, "bits must be one of"), ({"bits": "3"}, "bits must be one of"),
+                          ({"bits": True}, "bits must be one of"), ({"bits": None}, "bits must be one of"),
+                          ({"method": "lora", "bits": 4}, "bits must be null for method 'lora'"),
+                          ({"extra": 1}, "keys 'method', 'task' and 'bits'")):
+        path.write_text(json.dumps({"method": "qlora", "task": None, **info}))
+        with pytest.raises(ValueError, match=message):
+            read_prompt_file(tmp_path, tasks)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        write_prompt_file(tmp_path, "qlora", None, 8)
+
+
+def test_generate_flags():
+    cfg, args = finetune.parse_args(["--generate", "hi", "--init", "loftq", "--bits", "3"])  # after training
+    assert (cfg.init, cfg.bits, args.generate) == ("loftq", 3, "hi")
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--generate", "hi", "--adapter", "x", "--bits", "3"])

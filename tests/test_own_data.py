@@ -172,7 +172,7 @@ def test_data_run_on_the_shipped_file_then_generate_with_the_adapter(tmp_path, t
     assert "your data (reviews.jsonl), 24 held-out examples" in text and "content before / after" in text
     assert "held-out loss by step: 1:" in text and (out / "loss.png").stat().st_size > 1000
     adapter = out / "adapter"
-    assert json.loads((adapter / "loralab_prompt.json").read_text()) == {"method": "lora", "task": None}
+    assert json.loads((adapter / "loralab_prompt.json").read_text()) == {"method": "lora", "task": None, "bits": None}
     assert {p.name for p in adapter.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
     rc = finetune.main(["--generate", "Nice kettle, 5 stars.", "--adapter", str(adapter),
                         "--gguf", str(tiny_gguf), "--max-new-tokens", "3", "--threads", "1"])
