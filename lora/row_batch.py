@@ -11,6 +11,7 @@ import os
 import weakref
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,11 +26,13 @@ class RowPlan:
     """Where each adapter's tokens are in a flattened (tokens, features) input.
 
     `order` (M,) holds the token indices of all rows that use an adapter, grouped by
-    adapter; `segments` lists `(name, start, end)` ranges of `order`. `contiguous` is True
-    when `order` is `arange(M)` (rows already grouped, base rows only at the end), so
-    slices replace the gather and scatter."""
+    adapter, on the input's device (`host_order`: the same on the host, for index math);
+    `segments` lists `(name, start, end)` ranges of `order`. `contiguous` is True when
+    `order` is `arange(M)` (rows already grouped, base rows only at the end), so slices
+    replace the gather and scatter."""
 
     order: torch.Tensor
+    host_order: np.ndarray = field(compare=False, repr=False)
     segments: tuple[tuple[str, int, int], ...]
     contiguous: bool
     _layouts: dict = field(default_factory=dict, compare=False, repr=False)
@@ -41,7 +44,7 @@ class RowPlan:
         if key not in self._layouts:
             index = {n: i for i, n in enumerate(names)}
             segs = [(index[n], s, e) for n, s, e in self.segments if n in index and e > s]
-            self._layouts[key] = make_layout(self.order, segs, self.contiguous)
+            self._layouts[key] = make_layout(self.host_order, segs, self.contiguous, self.order.device)
         return self._layouts[key]
 
 
@@ -73,10 +76,10 @@ def _make_plan(names: tuple[str, ...], tokens: int, device: torch.device) -> Row
         segments.append((name, start, start + len(idx) * per_row))
         index_rows.extend(idx)
         start += len(idx) * per_row
-    row_index = torch.tensor(index_rows, dtype=torch.long)  # (rows_with_adapter,)
-    order = (row_index[:, None] * per_row + torch.arange(per_row)).reshape(-1)  # (M,)
+    row_index = np.asarray(index_rows, dtype=np.int64)  # (rows_with_adapter,)
+    order = (row_index[:, None] * per_row + np.arange(per_row)).reshape(-1)  # (M,)
     contiguous = index_rows == list(range(len(index_rows)))  # grouped already, base rows (if any) last
-    return RowPlan(order.to(device), tuple(segments), contiguous)
+    return RowPlan(torch.from_numpy(order).to(device), order, tuple(segments), contiguous)
 
 
 def check_row_names(adapter_names, known: set[str] | list[str]) -> tuple[str, ...]:
