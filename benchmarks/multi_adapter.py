@@ -223,7 +223,8 @@ def summary(rows: list[dict]) -> None:
 # ----- CUDA (make gpu-check): the LoRA part of a mixed batch, d = 4096, r = 16, 16 adapters -----
 def _gpu_rows(tokens: int, n: int, d: int, r: int, out: list, t0: float, budget_s: float,
               dev: str = "cuda") -> None:
-    from loralab_kernels.segmented import lora_segments, stack_padded
+    from lora.row_segments import stack_weights
+    from loralab_kernels.segmented import lora_segments
     from quant import LinearNF4
 
     if dev == "cuda":
@@ -246,7 +247,7 @@ def _gpu_rows(tokens: int, n: int, d: int, r: int, out: list, t0: float, budget_
     bounds = [0]
     for rr in rows_of:
         bounds.append(bounds[-1] + len(rr))
-    a_stack, b_stack = stack_padded(As, 0, dt), stack_padded(Bs, 1, dt)
+    a_stack, b_stack = stack_weights(As, 0).to(dt), stack_weights(Bs, 1).to(dt)
     idx = [torch.tensor(rr, device=dev) for rr in rows_of]
     y = torch.zeros(tokens, d, device=dev, dtype=dt)
     base = LinearNF4(d, d, bias=False, compute_dtype=dt, device=dev)

@@ -294,20 +294,6 @@ def gather_expand(h, b_stack, y, order, row_lora) -> torch.Tensor:
 
 
 # ----- the layer-level call -----
-def stack_padded(weights: list[torch.Tensor], rank_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """The adapters' A (r_l, K) or B (N, r_l) stacked as (L, R, K) / (L, N, R), zero-padded to
-    the largest rank R along `rank_dim` (0 for A, 1 for B), in `dtype`."""
-    r = max(w.shape[rank_dim] for w in weights)
-    shape = (len(weights), r, weights[0].shape[1]) if rank_dim == 0 else (len(weights), weights[0].shape[0], r)
-    out = torch.zeros(shape, dtype=dtype, device=weights[0].device)
-    for i, w in enumerate(weights):
-        if rank_dim == 0:
-            out[i, : w.shape[0]] = w
-        else:
-            out[i, :, : w.shape[1]] = w
-    return out
-
-
 def _launch(x2d, y, order, bounds: list[int], seg_lora: list[int], a_stack, b_stack, scalings):
     """Shrink then expand into y in place; returns (y, h). The gather kernels when every
     segment is short (decode), the segmented `tl.dot` kernels otherwise (prefill)."""

@@ -19,8 +19,8 @@ from loralab_kernels.segmented import (  # noqa: E402
     gather_shrink,
     segmented_expand,
     segmented_shrink,
-    stack_padded,
 )
+from lora.row_segments import stack_weights  # noqa: E402
 
 EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
@@ -80,7 +80,7 @@ def test_shrink_expand_match_reference(case, dtype, variant):
     x, As, Bs, scal, y = _problem(t, k, n, ranks, dtype)
     order, bounds = _layout(t, lengths)
     want, bound = _reference(x, As, Bs, scal, y, order, bounds, seg_lora)
-    a, b = stack_padded(As, 0, dtype), stack_padded(Bs, 1, dtype)  # (L, R, K), (L, N, R)
+    a, b = stack_weights(As, 0).to(dtype), stack_weights(Bs, 1).to(dtype)  # (L, R, K), (L, N, R)
     got = y.clone()
     if variant == "segmented":
         seg_start = torch.tensor(bounds, dtype=torch.int32)
@@ -102,7 +102,7 @@ def test_shrink_expand_match_reference(case, dtype, variant):
 
 def test_bad_inputs_raise():
     x, As, Bs, scal, y = _problem(4, 16, 8, (2,), torch.float32)
-    a = stack_padded(As, 0, torch.float32)
+    a = stack_weights(As, 0).float()
     order = torch.arange(4)
     with pytest.raises(ValueError, match="seg_start"):
         segmented_shrink(x, a, scal, order, torch.tensor([0, 4], dtype=torch.int32),
@@ -183,7 +183,8 @@ def test_cuda_kernels_match_reference(dtype, variant):
     order, bounds = _layout(t, lengths)
     want, bound = _reference(x, As, Bs, scal, y, order, bounds, seg_lora)
     dev = "cuda"
-    a, b = stack_padded([w.to(dev) for w in As], 0, dtype), stack_padded([w.to(dev) for w in Bs], 1, dtype)
+    a = stack_weights([w.to(dev) for w in As], 0).to(dtype)
+    b = stack_weights([w.to(dev) for w in Bs], 1).to(dtype)
     got, x, scal, order = y.to(dev), x.to(dev), scal.to(dev), order.to(dev)
     if variant == "segmented":
         seg_start = torch.tensor(bounds, dtype=torch.int32, device=dev)

@@ -193,7 +193,7 @@ def _probe(env_extra: dict, tmp_path: Path) -> str:
             "d = dequantize_4bit(p, s); assert torch.equal(d, dequantize_4bit(p, s, impl='torch')); "
             "print(native.reason())")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=900)  # a safety net: builds under heavy load took minutes
     assert res.returncode == 0, res.stderr
     return res.stdout.strip()
 
