@@ -9,6 +9,8 @@ of O(10) sums: ATOL64 = 1e-12 leaves room and still catches a wrong adapter or r
 """
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from lora import LoRALinear
@@ -105,6 +107,43 @@ def test_inference_chunks_match_per_row_reference(names, per_row):
     got = add_update_(layout, x, result.clone(), stack_weights([A[n] for n in order], 0),
                       stack_weights([B[n] for n in order], 1), scal)
     want = _reference(x, result, [n for n in names for _ in range(per_row)], A, B, s, set(order))
+    torch.testing.assert_close(got, want, atol=ATOL64, rtol=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(names=st.lists(st.sampled_from(["a", "b", "c", "d", BASE]), min_size=1, max_size=12),
+       per_row=st.integers(1, 4), present=st.sets(st.sampled_from(sorted(RANKS)), min_size=1))
+def test_any_layout_matches_per_row_reference(names, per_row, present):
+    """Any rows (adapters in any order, base rows anywhere, adapters the layer lacks): the
+    chunk layout covers each adapter token exactly once, in chunks of its own adapter, and
+    both paths equal the per-row reference (ATOL64 as above)."""
+    A, B, s = _weights(3)
+    tokens = len(names) * per_row
+    plan = RowAdapters(tuple(names)).plan(tokens, torch.device("cpu"))
+    order = [n for n, _, _ in plan.segments if n in present]
+    if not order:
+        return  # every row runs the base on this layer: the layer adds nothing (tested elsewhere)
+    layout = plan.layout(order)
+    row_of_token = [n for n in names for _ in range(per_row)]
+    expected = sorted(t for t, n in enumerate(row_of_token) if n in present)
+    assert sorted(layout.targets.tolist()) == expected
+    slots = layout.slots.view(layout.chunks, layout.size)
+    chunk_lora = list(range(layout.chunks)) if layout.lora is None else layout.lora.tolist()
+    pad = set() if layout.pad is None else set(layout.pad.tolist())
+    for k in range(layout.chunks):
+        for j in range(layout.size):
+            if k * layout.size + j not in pad:
+                assert row_of_token[slots[k, j]] == order[chunk_lora[k]]
+    g = torch.Generator().manual_seed(len(names) * 7 + per_row)
+    x = torch.randn(tokens, 5, generator=g, dtype=torch.float64)
+    result = torch.randn(tokens, 6, generator=g, dtype=torch.float64)
+    want = _reference(x, result, row_of_token, A, B, s, set(order))
+    scal = torch.tensor([s[n] for n in order], dtype=torch.float64)
+    got = add_update_(layout, x, result.clone(), stack_weights([A[n] for n in order], 0),
+                      stack_weights([B[n] for n in order], 1), scal)
+    torch.testing.assert_close(got, want, atol=ATOL64, rtol=0)
+    weights = [A[n] for n in order] + [B[n] for n in order]
+    got = SegmentedLoRAUpdate.apply(x, result, layout, [s[n] for n in order], False, *weights)
     torch.testing.assert_close(got, want, atol=ATOL64, rtol=0)
 
 
