@@ -157,14 +157,13 @@ def add_segments(layer, plan: RowPlan, x2d: torch.Tensor, result: torch.Tensor) 
     layout = plan.layout(names)
     weights = [layer.lora_A[n].weight for n in names] + [layer.lora_B[n].weight for n in names]
     dtype = weights[0].dtype
-    x2d = x2d.to(dtype)
-    scalings = [layer.scaling[n] for n in names]
+    if x2d.dtype != dtype:
+        x2d = x2d.to(dtype)
     in_place = layer._can_add_in_place(result)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x2d, result, *weights)):
+        scalings = [layer.scaling[n] for n in names]
         return SegmentedLoRAUpdate.apply(x2d, result, layout, scalings, in_place, *weights)
-    scalings = torch.tensor(scalings, device=x2d.device, dtype=torch.float64 if dtype == torch.float64 else
-                            torch.float32)  # float32 for low-precision weights: s is not rounded to them
-    a_stack, b_stack = _stacks(layer, names, b_rows_last=False)
+    a_stack, b_stack, scalings = _stacks(layer, names, b_rows_last=False)
     return add_update_(layout, x2d, result if in_place else result.clone(), a_stack, b_stack, scalings)
 
 
@@ -176,9 +175,10 @@ def _batched_ok(layer, names: list[str], x2d: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or torch.is_autocast_enabled(x2d.device.type):
         return False
     dtypes = set()
-    for n in names:
-        A, B, drop = layer.lora_A[n], layer.lora_B[n], layer.lora_dropout[n]
-        for m in (A, B):
+    mods_a, mods_b, drops = layer.lora_A._modules, layer.lora_B._modules, layer.lora_dropout._modules
+    for n in names:  # (the ModuleDicts' own dicts: this runs in every layer call)
+        drop = drops[n]
+        for m in (mods_a[n], mods_b[n]):
             if type(m) is not nn.Linear or m.bias is not None or m._forward_hooks or m._forward_pre_hooks:
                 return False
             dtypes.add(m.weight.dtype)
@@ -230,7 +230,7 @@ def _use_kernels(layer, x2d: torch.Tensor, result: torch.Tensor) -> bool:
     return triton_available() and select_backend(x2d) == "triton"
 
 
-_STACKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> (key, A stack, B stack, weights)
+_STACKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> (key, A, B, weights, scalings)
 
 
 def _kernel_stacks(layer, names: list[str]):
@@ -238,25 +238,26 @@ def _kernel_stacks(layer, names: list[str]):
     layout) with their float32 scalings; differentiable stacks built each call when a weight
     needs a gradient, else `_stacks`' cached ones. (`_use_kernels` admits one weight dtype.)"""
     params = [(layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names]
-    s = torch.tensor([layer.scaling[n] for n in names], dtype=torch.float32, device=params[0][0].device)
     if torch.is_grad_enabled() and any(p.requires_grad for pair in params for p in pair):
         # training: differentiable stacks (gradients flow back to each A and B), built each call
+        s = torch.tensor([layer.scaling[n] for n in names], dtype=torch.float32, device=params[0][0].device)
         return stack_weights([p[0] for p in params], 0), stack_weights([p[1] for p in params], 1), s
-    a, b = _stacks(layer, names)
-    return a, b, s
+    return _stacks(layer, names)
 
 
-def _stacks(layer, names: list[str], b_rows_last: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def _stacks(layer, names: list[str], b_rows_last: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The layer's A (L, R, in) and B (L, out, R) of `names`, detached, zero-padded to the
-    largest rank, cached until a weight changes (in-place writes bump `_version`, e.g. an
-    optimizer step or hot swap; `.data =` changes the `data_ptr`; a replaced Parameter is
-    another object: the cache holds the weights it was built from and compares identity, as
-    a freed tensor's address and version can come back). `b_rows_last=False` stores B's
-    memory as (L, R, out), the faster operand of the CPU expand `h @ B^T`; the kernels need
-    the default (stride 1 along R)."""
+    largest rank, and their scalings (L,) (float64 for float64 weights, else float32: s is
+    not rounded to low-precision weights); cached until a weight or a scaling changes
+    (in-place writes bump `_version`, e.g. an optimizer step or hot swap; `.data =` changes
+    the `data_ptr`; a replaced Parameter is another object: the cache holds the weights it
+    was built from and compares identity, as a freed tensor's address and version can come
+    back). `b_rows_last=False` stores B's memory as (L, R, out), the faster operand of the
+    CPU expand `h @ B^T`; the kernels need the default (stride 1 along R)."""
     params = tuple((layer.lora_A[n].weight, layer.lora_B[n].weight) for n in names)
-    key = (tuple(names), tuple((a.data_ptr(), a._version, b.data_ptr(), b._version) for a, b in params),
-           b_rows_last)
+    scalings = tuple(layer.scaling[n] for n in names)
+    key = (tuple(names), scalings,
+           tuple((a.data_ptr(), a._version, b.data_ptr(), b._version) for a, b in params), b_rows_last)
     cached = _STACKS.get(layer)
     if cached is None or cached[0] != key or any(p is not q for pair, old in zip(params, cached[3], strict=True)
                                                  for p, q in zip(pair, old, strict=True)):
@@ -264,8 +265,9 @@ def _stacks(layer, names: list[str], b_rows_last: bool = True) -> tuple[torch.Te
         b = stack_weights([p[1].detach() for p in params], 1)  # (L, out, R)
         if not b_rows_last:
             b = b.transpose(1, 2).contiguous().transpose(1, 2)  # (L, out, R) with (L, R, out) memory
-        cached = _STACKS[layer] = (key, a, b, params)
-    return cached[1], cached[2]
+        s = torch.tensor(scalings, device=a.device, dtype=torch.float64 if a.dtype == torch.float64 else torch.float32)
+        cached = _STACKS[layer] = (key, a, b, params, s)
+    return cached[1], cached[2], cached[4]
 
 
 def _kernel_segments(layer, plan: RowPlan, x2d: torch.Tensor, result: torch.Tensor) -> torch.Tensor:

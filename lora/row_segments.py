@@ -141,7 +141,7 @@ def add_update_(layout: ChunkLayout, x: torch.Tensor, y: torch.Tensor, a_stack: 
     h = torch.bmm(xs, layout.per_chunk(a_stack).transpose(1, 2))  # (C, c, R)
     h.mul_(layout.per_chunk(scalings).view(-1, 1, 1))
     d = torch.bmm(h, layout.per_chunk(b_stack).transpose(1, 2))  # (C, c, out)
-    return layout.scatter_add_(y, d.to(y.dtype))
+    return layout.scatter_add_(y, d if d.dtype == y.dtype else d.to(y.dtype))
 
 
 def stack_weights(weights, rank_dim: int) -> torch.Tensor:

@@ -193,7 +193,8 @@ def _layer(dropout=0.0):
 
 
 def test_layer_inference_cache_follows_weight_updates():
-    """The cached stacks of the no-grad path are rebuilt after an in-place weight update."""
+    """The cached stacks and scalings of the no-grad path are rebuilt after an in-place weight
+    update, a replaced Parameter and a changed scaling."""
     layer = _layer().eval()
     x = torch.randn(4, 5, dtype=torch.float64)
     names = ["b", "a", "a", BASE]
@@ -203,10 +204,14 @@ def test_layer_inference_cache_follows_weight_updates():
         second = layer(x)
         layer.lora_A["a"].weight = nn.Parameter(layer.lora_A["a"].weight * -2.0)  # a new Parameter
         third = layer(x)
+        layer.scaling["a"] *= 0.25  # the cached scalings must follow too
+        fourth = layer(x)
     layer.set_adapter("a")
     with torch.no_grad():
         alone = layer(x[1:3])
-    torch.testing.assert_close(third[1:3], alone, atol=ATOL64, rtol=0)
+    torch.testing.assert_close(fourth[1:3], alone, atol=ATOL64, rtol=0)
+    torch.testing.assert_close(third[1:3] - layer.base_layer(x[1:3]), 4 * (alone - layer.base_layer(x[1:3])),
+                               atol=ATOL64, rtol=0)
     torch.testing.assert_close(second[1:3] - first[1:3], 2 * (first[1:3] - layer.base_layer(x[1:3])),
                                atol=ATOL64, rtol=0)  # B * 3: the delta tripled
 
