@@ -6,11 +6,12 @@ whose row i names adapter `a_i`, a LoRA layer computes
     h_i = W x_i + b + scaling[a_i] * B[a_i] A[a_i] x_i        (nothing added for "__base__")
 
 The base matmul runs once for the whole batch. The rows are grouped by adapter with one
-sort (a `RowPlan`, computed once per batch shape and shared by every layer); on the CPU the
-segments are cut into padded chunks and every adapter's low-rank product runs in two batched
-matmuls (`lora/row_segments.py`, with its own autograd.Function), added back into the base
-output with one scatter (`index_add`). There is no per-row or per-adapter Python loop, and
-gradients reach each adapter's A and B through its chunks. On CUDA, for inference, the
+sort (a `RowPlan`, computed once per batch shape and shared by every layer). On the CPU, for
+inference, the segments are cut into padded chunks and every adapter's low-rank product runs
+in two batched matmuls, added back into the base output with one scatter (`index_add`); for
+training, one autograd.Function covers all adapters, its forward and backward a few plain
+matmuls per adapter segment (`lora/row_segments.py`). There is no per-row loop, and gradients
+reach each adapter's A and B through its segment. On CUDA, for inference, the
 segments run as the Triton kernels of `loralab_kernels.segmented` (shrink and expand, Punica's
 SGMV/BGMV; one launch each for all adapters), with their backward in PyTorch.
 
