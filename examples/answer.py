@@ -82,8 +82,10 @@ def answer(text: str, adapter: Path, model_path=None, compute_dtype: torch.dtype
         raise FileNotFoundError(f"adapter folder not found: {adapter}")
     method, task, bits = read_prompt_file(adapter, tasks)
     config, _ = read_adapter(adapter)
-    init = config.init if isinstance(config, LoRAConfig) else "kaiming"  # reload_adapter refuses the rest
-    model, tok = load_model(method, model_path, compute_dtype, bits=bits or 4, init=init)
+    if not isinstance(config, LoRAConfig):  # checked before the model loads
+        kind = config.get("peft_type", "unknown") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{adapter} holds a {kind} adapter; --generate answers with LoRA adapters only")
+    model, tok = load_model(method, model_path, compute_dtype, bits=bits or 4, init=config.init)
     reload_adapter(model, method, adapter, compute_dtype, bits=bits or 4)
     if task is not None:  # the built-in task's instruction and ChatML, as trained
         example, fmt = tasks[task](text), CHATML

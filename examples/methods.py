@@ -257,8 +257,8 @@ def reload_adapter(model: nn.Module, method: str, directory: Path,
     deterministic) and the file's factors replace the initial ones."""
     config, _ = read_adapter(directory)  # the file's own config, adapters in float32 as trained
     if not isinstance(config, LoRAConfig):
-        raise ValueError(f"{directory} holds a {type(config).__name__} adapter; only LoRA adapters "
-                         "can be reloaded here")
+        kind = config.get("peft_type", "unknown") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{directory} holds a {kind} adapter; only LoRA adapters can be reloaded here")
     if rewrites_base(config.init) and any(not isinstance(m, nn.Linear) for _, m in block_linears(model)):
         raise ValueError(f"{directory}: init={config.init!r} rewrote the base it was trained on; reloading it "
                          "needs the full-precision model (load_model(..., init=...)) to rewrite the base again")

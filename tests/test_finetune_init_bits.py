@@ -162,3 +162,20 @@ def test_generate_flags():
     assert (cfg.init, cfg.bits, args.generate) == ("loftq", 3, "hi")
     with pytest.raises(SystemExit):
         finetune.parse_args(["--generate", "hi", "--adapter", "x", "--bits", "3"])
+
+
+def test_generate_refuses_a_non_lora_adapter_before_loading_the_model(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from examples import answer as answer_mod
+    from lora import add_prompt_tuning, save_adapter
+
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    save_adapter(add_prompt_tuning(transformers.LlamaForCausalLM(cfg), 3), tmp_path)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the adapter was checked")
+
+    monkeypatch.setattr(answer_mod, "load_model", never)
+    with pytest.raises(ValueError, match="holds a PROMPT_TUNING adapter; --generate answers with LoRA adapters only"):
+        answer_mod.answer("hello", tmp_path)
