@@ -1,14 +1,18 @@
 """One 4-bit base, many adapters, one batch: each prompt names its adapter (LoRA sec. 4.2).
 
     python examples/serve.py                          # 4 random adapters, 2 prompts each + the base
-    python examples/serve.py --adapter a=runs/a/adapter --adapter b=runs/b/adapter   # trained ones
+    python examples/serve.py --adapter extract=runs/finetune/adapter --adapter route=runs/route/adapter
     python examples/serve.py --quick                  # 2 adapters, 6 new tokens
     python examples/serve.py --bench --threads 1      # tokens/s with 1, 4, 16 adapters in the batch (best of 2)
     python examples/serve.py --plot-only              # redraw serve.png from serve.csv
 
 SmolLM2-135M-Instruct is loaded once with its block linears in NF4 (QLoRA sec. 3). The
 adapters are LoRA folders (`--adapter NAME=DIR`, e.g. written by `finetune.py`) or random
-ones (B drawn small, so each one visibly changes the answers; for timing). The batch is
+ones (B drawn small, so each one visibly changes the answers; for timing). An adapter that
+`finetune.py` trained on a built-in task gets that task's held-out examples as its prompts
+(scored by exact match); the others get general questions in the chat template. Adapters
+that need another base than the shared NF4 one are refused before anything loads: one
+trained on an NF3/NF2 base, or one whose init (LoftQ, PiSSA, OLoRA) rewrote its base. The batch is
 answered twice: as one mixed batch (`lora.use_adapters`: every row its own adapter, the
 base matmuls once for all rows) and adapter by adapter (one batch per adapter, the way a
 server without mixed batches works); the answers and tokens/s of both are printed.
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -83,13 +88,70 @@ def timed(fn, *args) -> tuple[list, float]:
     return result, time.perf_counter() - t0
 
 
-def serve(model, tok, adapters: list[str], per_adapter: int, max_new: int, repeat: int = 1) -> dict:
-    """Answer a batch naming `adapters` (plus one base row) both ways; print and return figures.
-    With `repeat` > 1 the two ways alternate and the fastest run of each counts (shared CPU)."""
+@dataclass(frozen=True)
+class Row:
+    """One prompt of the batch: its adapter, the text shown, its token ids, and the expected
+    answer (None when there is none to score)."""
+
+    adapter: str
+    text: str
+    ids: list[int]
+    expected: str | None = None
+
+
+def question_rows(tok, adapters: list[str], per_adapter: int) -> list[Row]:
+    """`per_adapter` general questions (chat template) for each adapter, then one for the base."""
     fmt, _ = chat_format(tok)
     names = [a for a in adapters for _ in range(per_adapter)] + [BASE]
     texts = [QUESTIONS[i % len(QUESTIONS)] for i in range(len(names))]
-    prompts = [tok.encode(fmt.render([("user", t)])) for t in texts]
+    return [Row(n, t, tok.encode(fmt.render([("user", t)]))) for n, t in zip(names, texts, strict=True)]
+
+
+def task_rows(tok, adapter: str, task: str, per_adapter: int) -> list[Row]:
+    """The first `per_adapter` held-out examples of a built-in task (`finetune.py`'s default
+    split: 400 train, 100 held out, seed 0), in that task's prompt, with their answers."""
+    from examples.finetune import TASKS
+    from examples.task import CHATML, prompt
+
+    _, held_out = TASKS[task].make_splits(400, 100, 0)
+    return [Row(adapter, ex.source or ex.turns[-1][1], tok.encode(prompt(ex, (), CHATML)), ex.answer)
+            for ex in held_out[:per_adapter]]
+
+
+def check_trained(folders: list[tuple[str, Path]]) -> dict[str, str | None]:
+    """name -> the built-in task each adapter folder was trained on (None: own data or unknown).
+    ValueError, before anything loads, for a folder this server's shared NF4 base cannot serve."""
+    from examples.answer import read_prompt_file
+    from examples.finetune import TASKS
+    from lora import LoRAConfig, read_adapter
+    from lora.config import rewrites_base
+
+    if len({name for name, _ in folders}) != len(folders):
+        raise ValueError(f"--adapter names must be distinct, got {[name for name, _ in folders]}")
+    tasks = {}
+    for name, folder in folders:
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(f"--adapter {name}: folder not found: {folder}")
+        method, task, bits = read_prompt_file(folder, TASKS)
+        config, _ = read_adapter(folder)
+        if not isinstance(config, LoRAConfig):
+            raise ValueError(f"--adapter {name}: {folder} is not a LoRA adapter")
+        if rewrites_base(config.init):
+            raise ValueError(f"--adapter {name}: init={config.init!r} rewrote the base it was trained on, so it "
+                             "cannot share the NF4 base with other adapters; answer with it alone "
+                             "(finetune.py --generate --adapter)")
+        if method == "qlora" and bits != 4:
+            raise ValueError(f"--adapter {name}: trained on an NF{bits} base (loralab_prompt.json); this "
+                             "server's shared base is NF4")
+        tasks[name] = task
+    return tasks
+
+
+def serve(model, tok, rows: list[Row], max_new: int, repeat: int = 1) -> dict:
+    """Answer `rows` both ways (one mixed batch; adapter by adapter); print and return figures.
+    With `repeat` > 1 the two ways alternate and the fastest run of each counts (shared CPU)."""
+    names, prompts = [r.adapter for r in rows], [r.ids for r in rows]
+    adapters = [n for n in dict.fromkeys(names) if n != BASE]
     t_mixed = t_each = float("inf")
     for _ in range(repeat):
         a, t = timed(mixed, model, prompts, names, max_new, tok.eos_id)
@@ -97,15 +159,25 @@ def serve(model, tok, adapters: list[str], per_adapter: int, max_new: int, repea
         b, t = timed(one_by_one, model, prompts, names, max_new, tok.eos_id)
         t_each = min(t_each, t)
     tokens = sum(len(x) for x in a)
-    for name, text, ans, ans2 in zip(names, texts, a, b, strict=True):
+    right = {}
+    for row, ans, ans2 in zip(rows, a, b, strict=True):
+        text = tok.decode(ans).strip()
         same = "" if ans == ans2 else "   (adapter by adapter: " + repr(tok.decode(ans2).strip()) + ")"
-        print(f"[{name:>8s}] {text!r} -> {tok.decode(ans).strip()!r}{same}")
+        mark = ""
+        if row.expected is not None:
+            ok = text == row.expected.strip()
+            right.setdefault(row.adapter, []).append(ok)
+            mark = "  [right]" if ok else f"  [expected {row.expected!r}]"
+        print(f"[{row.adapter:>8s}] {row.text!r} -> {text!r}{mark}{same}")
+    for name, oks in right.items():
+        print(f"{name}: {sum(oks)}/{len(oks)} exact")
     agree = sum(x == y for x, y in zip(a, b, strict=True))
-    print(f"{len(names)} prompts over {len(adapters)} adapters + base: mixed batch {tokens / t_mixed:.1f} tokens/s, "
+    print(f"{len(rows)} prompts over {len(adapters)} adapters + base: mixed batch {tokens / t_mixed:.1f} tokens/s, "
           f"adapter by adapter {sum(len(x) for x in b) / t_each:.1f} tokens/s "
-          f"({t_each / t_mixed:.2f}x); identical answers {agree}/{len(names)}")
-    return {"adapters": len(adapters), "rows": len(names), "mixed_tok_s": tokens / t_mixed,
-            "each_tok_s": sum(len(x) for x in b) / t_each, "agree": agree}
+          f"({t_each / t_mixed:.2f}x); identical answers {agree}/{len(rows)}")
+    return {"adapters": len(adapters), "rows": len(rows), "mixed_tok_s": tokens / t_mixed,
+            "each_tok_s": sum(len(x) for x in b) / t_each, "agree": agree,
+            "exact": {k: sum(v) / len(v) for k, v in right.items()}}
 
 
 def bench(model, tok, counts, rows: int, max_new: int, out: Path) -> None:
@@ -118,7 +190,7 @@ def bench(model, tok, counts, rows: int, max_new: int, out: Path) -> None:
     for n in counts:
         names = [f"task{i}" for i in range(n)]
         per = max(1, rows // n)
-        r = serve(model, tok, names, per, max_new, repeat=2)
+        r = serve(model, tok, question_rows(tok, names, per), max_new, repeat=2)
         shape = f"smollm2-135m-nf4,rows={r['rows']},new_tokens<={max_new},adapters={n}"
         results += [make_row("serve", "loralab_mixed", shape, "tokens_per_s", r["mixed_tok_s"], "tok/s"),
                     make_row("serve", "adapter_by_adapter", shape, "tokens_per_s", r["each_tok_s"], "tok/s"),
@@ -264,7 +336,8 @@ def main(argv=None) -> int:
                    help="NAME=DIR of a saved LoRA adapter (repeatable); default: random adapters")
     p.add_argument("--random", type=int, default=4, help="number of random adapters (without --adapter)")
     p.add_argument("--per-adapter", type=int, default=2, help="prompts per adapter")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default 16 (40 with --adapter: a task's JSON answer)")
     p.add_argument("--model", default=None, help="GGUF file or HF folder (default SmolLM2-135M-Instruct)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="2 random adapters, 6 new tokens")
@@ -281,6 +354,17 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     if a.quick:
         a.random, a.max_new_tokens, a.per_adapter = 2, 6, 1
+    if a.max_new_tokens is None:
+        a.max_new_tokens = 40 if a.adapter else 16
+    if a.max_new_tokens < 1 or a.per_adapter < 1:
+        p.error("--max-new-tokens and --per-adapter must be >= 1")
+    if a.bench and a.adapter:
+        p.error("--bench times random adapters; it does not take --adapter")
+    try:
+        tasks = check_trained(a.adapter)  # before the model loads
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     model, tok = load_model("qlora", a.model)  # NF4 block linears, float32 compute
     model.eval()
     if a.bench:
@@ -289,13 +373,17 @@ def main(argv=None) -> int:
         bench(model, tok, counts, 4 if a.quick else 16, a.max_new_tokens, a.out)
         return 0
     if a.adapter:
+        rows = []
         for name, folder in a.adapter:
             load_adapter(model, folder, adapter_name=name)
-        names = [n for n, _ in a.adapter]
+            rows += (task_rows(tok, name, tasks[name], a.per_adapter) if tasks[name] is not None
+                     else question_rows(tok, [name], a.per_adapter)[:-1])
+        rows += question_rows(tok, [], 1)  # one base row
     else:
         names = [f"task{i}" for i in range(a.random)]
         add_random_adapters(model, names)
-    serve(model, tok, names, a.per_adapter, a.max_new_tokens)
+        rows = question_rows(tok, names, a.per_adapter)
+    serve(model, tok, rows, a.max_new_tokens)
     return 0
 
 

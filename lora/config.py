@@ -25,10 +25,11 @@ ALL_LINEAR = "all-linear"
 
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")  # one safe path component: names become folder names
+RESERVED_NAME = "__base__"  # a mixed batch's row name for "no adapter" (lora/row_batch.py BASE)
 
 
 def check_adapter_name(adapter_name, name: str = "adapter_name") -> str:
-    """An adapter name is one safe path component: `[A-Za-z0-9_-]{1,128}`.
+    """An adapter name is one safe path component: `[A-Za-z0-9_-]{1,128}`, other than `"__base__"`.
 
     Adapter names become folder names (`save_adapter` writes `directory/<adapter_name>`)
     and module-dict keys, so `.`, `/`, `..`, absolute paths and the empty string are refused.
@@ -38,6 +39,9 @@ def check_adapter_name(adapter_name, name: str = "adapter_name") -> str:
     if not ADAPTER_NAME.fullmatch(adapter_name):
         raise ValueError(f"{name} must be 1-128 characters from [A-Za-z0-9_-] (one safe folder name), "
                          f"got {adapter_name!r}")
+    if adapter_name == RESERVED_NAME:
+        raise ValueError(f"{name} {RESERVED_NAME!r} is reserved: in a mixed batch it names the rows that run "
+                         "the base model alone (PEFT's name), so an adapter of that name could never run")
     return adapter_name
 
 

@@ -177,6 +177,29 @@ def test_bad_adapter_names_raise_before_anything_changes():
     assert layer.row_adapters is None
 
 
+def test_base_row_name_is_reserved_as_an_adapter_name(tmp_path):
+    """`"__base__"` names the rows without an adapter, so no adapter may carry it: an adapter of
+    that name could never run in a mixed batch (its rows would silently get the base)."""
+    from lora import LoRAConfig, apply_lora, load_adapter, save_adapter
+    from lora.config import RESERVED_NAME
+
+    assert RESERVED_NAME == BASE
+    with pytest.raises(ValueError, match="'__base__' is reserved"):
+        LoRALinear.from_linear(nn.Linear(9, 7), r=2, alpha=2, adapter_name=BASE)
+    layer = _layer()
+    with pytest.raises(ValueError, match="'__base__' is reserved"):
+        layer.add_adapter(BASE, r=2, alpha=2)
+    assert BASE not in layer.r
+    model = nn.Sequential(nn.Linear(9, 7))
+    with pytest.raises(ValueError, match="'__base__' is reserved"):
+        apply_lora(model, LoRAConfig(r=2, target_modules=["0"]), adapter_name=BASE)
+    assert type(model[0]) is nn.Linear  # nothing changed
+    apply_lora(model, LoRAConfig(r=2, target_modules=["0"]))
+    save_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="'__base__' is reserved"):
+        load_adapter(model, tmp_path, adapter_name=BASE)
+
+
 def test_dora_adapter_refused():
     layer = LoRALinear(9, 11, r=2, adapter_name="a", dora=True)
     with pytest.raises(ValueError, match="adapter_names.*DoRA"):
