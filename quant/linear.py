@@ -180,7 +180,7 @@ class Linear4bit(nn.Module):
             expected["nested_absmax"] = (torch.float32, (-(-nblocks // NESTED_BLOCKSIZE),))
         return expected
 
-    def _format_tag(self) -> str:
+    def format_tag(self) -> str:
         """"type:blocksize:double_quant", plus ":revision" for a code book whose values changed
         (`quant.codes.CODE_REVISION`: "nf3:64:1:2"); NF4/FP4/INT4 tags are as they always were."""
         revision = code_revision(self.quant_type)
@@ -189,7 +189,7 @@ class Linear4bit(nn.Module):
     def get_extra_state(self) -> torch.Tensor:
         """The format the buffers are in ("nf3:64:1", as uint8 bytes, so safetensors can store
         it): NF3 codes loaded into an NF4 layer would be valid codes with other values."""
-        return torch.tensor(list(self._format_tag().encode()), dtype=torch.uint8)
+        return torch.tensor(list(self.format_tag().encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state) -> None:
         pass  # checked in _load_from_state_dict, before any buffer changes
@@ -207,7 +207,7 @@ class Linear4bit(nn.Module):
         tag = state_dict[key]
         ok = isinstance(tag, torch.Tensor) and tag.dtype == torch.uint8 and tag.dim() == 1
         found = bytes(tag.tolist()).decode(errors="replace") if ok else repr(tag)
-        if found != self._format_tag():
+        if found != self.format_tag():
             q, b, d = (found.split(":") + ["?", "?"])[:3]
             saved_revision = (found.split(":") + ["1"] * 3)[3]
             if (q, b, d) == (self.quant_type, str(self.blocksize), str(int(self.double_quant))):

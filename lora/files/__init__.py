@@ -33,6 +33,7 @@ is an error, never a silent choice.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -54,6 +55,7 @@ from .folder import (
     CONFIG_NAME,
     LOCK_NAME,
     MAX_CONFIG_BYTES,
+    META_BASE,
     META_CONFIG,
     META_REPLACES,
     PREFIX,
@@ -72,7 +74,7 @@ from .prompt import PROMPT_NAME, find_prompt
 FORMATS = {m.PEFT_TYPE: m for m in (lora_format, bottleneck, prompt)}
 
 __all__ = [
-    "BIN_WEIGHTS_NAME", "CONFIG_NAME", "FORMATS", "LOCK_NAME", "MAX_CONFIG_BYTES", "MAX_JSON_DEPTH", "META_CONFIG", "META_REPLACES",
+    "BIN_WEIGHTS_NAME", "CONFIG_NAME", "FORMATS", "LOCK_NAME", "MAX_CONFIG_BYTES", "MAX_JSON_DEPTH", "META_BASE", "META_CONFIG", "META_REPLACES",
     "PREFIX", "READ_ATTEMPTS", "WEIGHTS_NAME", "adapter_folder", "adapter_tensors", "atomic_write",
     "bottleneck_tensors", "find_prompt", "folder_lock", "load_adapter", "parse_json_object", "read_adapter",
     "save_adapter",
@@ -128,12 +130,15 @@ def _save_names(adapter_names, configs: dict) -> list[str]:
     return names
 
 
-def _plan(model: nn.Module, name: str, config, convert_to_lora: bool) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors by file key, config JSON) of one adapter, by its format."""
+def _plan(model: nn.Module, name: str, config,
+          convert_to_lora: bool) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
+    """(tensors by file key, config JSON, extra file metadata) of one adapter, by its format."""
     if isinstance(config, prompt.PromptTuning):
-        return prompt.save_plan(model, config)
-    fmt = bottleneck if isinstance(config, AdapterConfig) else lora_format
-    return fmt.save_plan(model, name, config, convert_to_lora)
+        return (*prompt.save_plan(model, config), {})
+    if isinstance(config, AdapterConfig):
+        return (*bottleneck.save_plan(model, name, config, convert_to_lora), {})
+    formats = json.dumps(lora_format.base_formats(model, name), sort_keys=True)
+    return (*lora_format.save_plan(model, name, config, convert_to_lora), {META_BASE: formats})
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_names: list[str] | None = None,
@@ -164,12 +169,12 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_names: 
     plan = []
     for name in _save_names(adapter_names, configs):
         plan.append((name, *_plan(model, name, configs[name], convert_to_lora)))
-    for name, _, _ in plan:
+    for name, *_ in plan:
         adapter_folder(directory, name)  # every folder checked before the first write
     written = []
-    for name, tensors, config in plan:
+    for name, tensors, config, metadata in plan:
         folder = adapter_folder(directory, name)  # again: a symlink may have been planted meanwhile
-        write_folder(folder, tensors, config)
+        write_folder(folder, tensors, config, metadata)
         written.append(folder)
     return written
 
@@ -191,7 +196,8 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoRAConfig | AdapterConf
     PROMPT_TUNING, the JSON dict itself. Both files are read once, under the folder's shared
     lock; the config is validated (types, regexes, size, nesting) and the tensors are checked
     to be floating point and finite. Any problem is a ValueError naming the file."""
-    return read_folder(check_directory(directory), _parse_config)
+    config, tensors, _ = read_folder(check_directory(directory), _parse_config)
+    return config, tensors
 
 
 def _format_of(config) -> object:
@@ -218,7 +224,9 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 
     A file whose `init_lora_weights` is PiSSA / OLoRA / LoftQ was trained on a rewritten base
     and is refused unless `rewritten_base=True` says this model's base holds those rewritten
-    weights (a load never rewrites the base itself).
+    weights (a load never rewrites the base itself). Files this library saved record each
+    layer's base format (4-bit format tag or dense); such an adapter is also refused when a
+    layer's base here has another format (an NF3 LoftQ adapter on an NF4 LoftQ base).
 
     Returns the qualified names of the layers that carry the adapter.
     """
@@ -228,5 +236,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     check_flag("is_trainable", is_trainable)
     check_flag("rewritten_base", rewritten_base)
     directory = check_directory(directory)
-    config, found = read_adapter(directory)
+    config, found, metadata = read_folder(directory, _parse_config)
+    if isinstance(config, LoRAConfig):
+        lora_format.check_base_formats(model, config, metadata, directory, rewritten_base)
     return _format_of(config).load(model, config, found, directory, adapter_name, is_trainable, rewritten_base)

@@ -38,6 +38,7 @@ LOCK_NAME = ".lock"  # flock target inside each adapter folder (see lora.files)
 PREFIX = "base_model.model."
 META_CONFIG = "loralab.adapter_config"  # safetensors metadata: the config text saved with these weights
 META_REPLACES = "loralab.replaces_config_sha256"  # ... and the hash of the config.json it replaced
+META_BASE = "loralab.base_formats"  # JSON {layer path: its base's 4-bit format tag} (rewriting inits)
 MAX_CONFIG_BYTES = 1 << 20  # a real adapter_config.json is a few KiB; more is a broken or hostile file
 READ_ATTEMPTS = 3  # re-reads when a writer that does not lock changes the folder under a read
 
@@ -128,16 +129,17 @@ def adapter_folder(directory: str | os.PathLike, adapter_name: str) -> Path:
     return folder
 
 
-def write_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+def write_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict,
+                 extra_metadata: dict[str, str] | None = None) -> None:
     """Weights then config, each atomically, under the folder's exclusive lock, with the
-    crash-safety metadata (module docstring)."""
+    crash-safety metadata (module docstring) and `extra_metadata` (str -> str) beside it."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in tensors.items()}
     config_text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     with folder_lock(folder, exclusive=True):
         _remove_stale_temps(folder)
         old_config = folder / CONFIG_NAME
-        metadata = {"format": "pt", META_CONFIG: config_text,
+        metadata = {**(extra_metadata or {}), "format": "pt", META_CONFIG: config_text,
                     META_REPLACES: _sha256(old_config.read_bytes()) if old_config.is_file() else ""}
         atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
         atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(config_text))
@@ -209,10 +211,10 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_folder(directory: Path, parse: Callable) -> tuple[object, dict[str, torch.Tensor]]:
-    """(typed config, tensors by file key without PREFIX) of one adapter folder, read once
-    under its shared lock; `parse(config_dict, path)` turns the chosen config into its type.
-    The tensors are checked to be floating point and finite."""
+def read_folder(directory: Path, parse: Callable) -> tuple[object, dict[str, torch.Tensor], dict[str, str]]:
+    """(typed config, tensors by file key without PREFIX, the weights file's metadata) of one
+    adapter folder, read once under its shared lock; `parse(config_dict, path)` turns the
+    chosen config into its type. The tensors are checked to be floating point and finite."""
     weights_name = WEIGHTS_NAME
     if not (directory / WEIGHTS_NAME).is_file() and (directory / BIN_WEIGHTS_NAME).is_file():
         weights_name = BIN_WEIGHTS_NAME  # an older PEFT file; the safetensors one wins where both exist
@@ -228,7 +230,7 @@ def read_folder(directory: Path, parse: Callable) -> tuple[object, dict[str, tor
     config = _config_of(config_bytes, metadata, directory, parse)
     tensors = strip_keys(raw, directory / weights_name, PREFIX)
     check_values(tensors, directory / weights_name)
-    return config, tensors
+    return config, tensors, metadata
 
 
 def _load_bin(data: bytes, path: Path) -> dict[str, torch.Tensor]:

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from quant import Linear4bit
 
 from ..config import ALL_LINEAR, LoRAConfig, rewrites_base
 from ..extra_modules import extra_tensors, pattern_name, restore_extras, snapshot_extras
@@ -31,7 +34,7 @@ from ..model_state import (
 )
 from ..param_wrapper import LoRAParameter
 from .checks import check_fit, copy_into
-from .folder import CONFIG_NAME, PREFIX
+from .folder import CONFIG_NAME, META_BASE, PREFIX, WEIGHTS_NAME
 from .saved_embeddings import embedding_weights, warn_replaced
 
 PEFT_TYPE = "LORA"
@@ -233,6 +236,52 @@ def _check_base_matches(config: LoRAConfig, rewritten_base: bool, directory: Pat
                          f"on a base that its init rewrote, not on the original weights, so on an original base "
                          f"it gives wrong outputs; {remedy}. If this model's base already holds the rewritten "
                          "weights, pass rewritten_base=True")
+
+
+def base_format(module: nn.Module) -> str:
+    """A base layer's storage format: its 4-bit format tag ("nf3:64:1:2", `Linear4bit.format_tag`)
+    or "dense"."""
+    return module.format_tag() if isinstance(module, Linear4bit) else "dense"
+
+
+def base_formats(model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """{layer path: `base_format` of its base} for the layers carrying `adapter_name`: saved in
+    the weights file's metadata (META_BASE; PEFT ignores it)."""
+    return {path: base_format(layer.base_layer) for path, layer in lora_layers(model)
+            if adapter_name in layer.r and isinstance(getattr(layer, "base_layer", None), nn.Module)}
+
+
+def check_base_formats(model: nn.Module, config: LoRAConfig, metadata: dict[str, str], directory: Path,
+                       rewritten_base: bool) -> None:
+    """An adapter whose init rewrote its base (LoftQ's Q, a PiSSA/OLoRA residual) fits only a base
+    rewritten the same way; `rewritten_base=True` says this model's base is that one. Where the
+    file records the base formats it was saved with, a different format here (NF4 against NF3,
+    4-bit against dense) is a ValueError naming the layers, before anything changes. (Inits with
+    B = 0 fit any base, and files PEFT wrote record nothing: neither is checked.)"""
+    if not (rewrites_base(config.init) and rewritten_base) or META_BASE not in metadata:
+        return
+    where = f"{directory / WEIGHTS_NAME} (metadata {META_BASE})"
+    try:
+        recorded = json.loads(metadata[META_BASE])
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where} is not valid JSON: {err}") from None
+    if not isinstance(recorded, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in recorded.items()):
+        raise ValueError(f"{where} must map layer paths to format strings")
+    modules = dict(model.named_modules())
+    wrong = []
+    for path, saved in sorted(recorded.items()):
+        module = modules.get(path)
+        if module is None:
+            continue  # a missing target is reported by the key checks
+        here = base_format(getattr(module, "base_layer", module))
+        if here != saved:
+            wrong.append(f"{path}: {saved} in the file, {here} here")
+    if wrong:
+        raise ValueError(f"{directory}: init_lora_weights={config.init!r} rewrote the base this adapter was trained "
+                         f"on, and this model's base has another format in {len(wrong)} layers ("
+                         f"{'; '.join(wrong[:3])}{'; ...' if len(wrong) > 3 else ''}); rewritten_base=True "
+                         "needs the base rewritten with the same format (quant type, blocksize, bits)")
 
 
 def parse(config_dict: dict) -> LoRAConfig:
