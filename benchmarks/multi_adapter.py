@@ -140,6 +140,11 @@ def step(name, module, x, names, backward: bool):
         p.grad = None
 
 
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over rounds of the round's a / b (both timed in the same round)."""
+    return statistics.median(ta / tb for ta, tb in zip(a, b, strict=True))
+
+
 def measure(d: int, rows: int, seq: int, counts, r: int, repeat: int, clock: str = "wall") -> list[dict]:
     """Rows of the CSV. `clock="cpu"`: CPU time of this process (`time.process_time`) instead of
     wall time, which leaves out the time the process waits while other processes hold the cores
@@ -168,17 +173,13 @@ def measure(d: int, rows: int, seq: int, counts, r: int, repeat: int, clock: str
             med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             for k, v in med.items():
                 out.append(make_row(BENCH, k, shape, metric, v, "ms"))
-
-            def ratio(a: str, b: str) -> float:  # median over rounds of the round's a / b
-                return statistics.median(ta / tb for ta, tb in zip(times[a], times[b], strict=True))
-
             out.append(make_row(BENCH, "loralab_mixed", shape, f"{metric}_ratio_vs_single",
-                                ratio("loralab_mixed", "single_adapter"), "x"))
+                                paired_ratio(times["loralab_mixed"], times["single_adapter"]), "x"))
             if "peft_mixed" in med:
                 out.append(make_row(BENCH, "loralab_mixed", shape, f"{metric}_ratio_vs_peft",
-                                    ratio("loralab_mixed", "peft_mixed"), "x"))
+                                    paired_ratio(times["loralab_mixed"], times["peft_mixed"]), "x"))
                 out.append(make_row(BENCH, "peft_mixed", shape, f"{metric}_ratio_vs_single",
-                                    ratio("peft_mixed", "single_adapter"), "x"))
+                                    paired_ratio(times["peft_mixed"], times["single_adapter"]), "x"))
         out.append(make_row(BENCH, "loralab_mixed", shape, "plan_ms",
                             plan_ms(providers["loralab_mixed"], x, names, repeat, tick), "ms"))
     return out

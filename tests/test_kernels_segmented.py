@@ -14,13 +14,13 @@ import torch
 
 pytest.importorskip("triton")
 
+from lora.row_segments import stack_weights  # noqa: E402
 from loralab_kernels.segmented import (  # noqa: E402
     gather_expand,
     gather_shrink,
     segmented_expand,
     segmented_shrink,
 )
-from lora.row_segments import stack_weights  # noqa: E402
 
 EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 
