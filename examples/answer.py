@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 from examples.chat_format import chat_format
-from examples.methods import load_model, reload_adapter
+from examples.methods import load_model, lora_config_of, reload_adapter
 from examples.report import atomic_write_text
 from examples.task import CHATML, Example, prompt
-from lora import LoRAConfig, read_adapter
 
 PROMPT_FILE = "loralab_prompt.json"
 
@@ -81,10 +80,7 @@ def answer(text: str, adapter: Path, model_path=None, compute_dtype: torch.dtype
     if not adapter.is_dir():
         raise FileNotFoundError(f"adapter folder not found: {adapter}")
     method, task, bits = read_prompt_file(adapter, tasks)
-    config, _ = read_adapter(adapter)
-    if not isinstance(config, LoRAConfig):  # checked before the model loads
-        kind = config.get("peft_type", "unknown") if isinstance(config, dict) else type(config).__name__
-        raise ValueError(f"{adapter} holds a {kind} adapter; --generate answers with LoRA adapters only")
+    config = lora_config_of(adapter, "--generate answers with LoRA adapters only")  # before the model loads
     model, tok = load_model(method, model_path, compute_dtype, bits=bits or 4, init=config.init)
     reload_adapter(model, method, adapter, compute_dtype, bits=bits or 4)
     if task is not None:  # the built-in task's instruction and ChatML, as trained

@@ -249,16 +249,23 @@ def save_what_must_be_saved(model: nn.Module, method: str, directory: Path) -> i
     return 0
 
 
+def lora_config_of(directory: Path, refusal: str) -> LoRAConfig:
+    """The `LoRAConfig` of a saved adapter folder; ValueError naming the folder's PEFT type and
+    `refusal` (what the caller takes) for any other kind of adapter."""
+    config, _ = read_adapter(directory)
+    if not isinstance(config, LoRAConfig):
+        kind = config.get("peft_type", "unknown") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{directory} holds a {kind} adapter; {refusal}")
+    return config
+
+
 def reload_adapter(model: nn.Module, method: str, directory: Path,
                    compute_dtype: torch.dtype = torch.float32, bits: int = 4) -> None:
     """Load a saved adapter into a freshly loaded model (quantizing it first for QLoRA, to
     `bits`). An adapter whose init rewrote the base (LoftQ, PiSSA, OLoRA; its file says so)
     needs that base: the init runs again on the fresh full-precision model (`start_lora`,
     deterministic) and the file's factors replace the initial ones."""
-    config, _ = read_adapter(directory)  # the file's own config, adapters in float32 as trained
-    if not isinstance(config, LoRAConfig):
-        kind = config.get("peft_type", "unknown") if isinstance(config, dict) else type(config).__name__
-        raise ValueError(f"{directory} holds a {kind} adapter; only LoRA adapters can be reloaded here")
+    config = lora_config_of(directory, "only LoRA adapters can be reloaded here")  # adapters in float32 as trained
     if rewrites_base(config.init) and any(not isinstance(m, nn.Linear) for _, m in block_linears(model)):
         raise ValueError(f"{directory}: init={config.init!r} rewrote the base it was trained on; reloading it "
                          "needs the full-precision model (load_model(..., init=...)) to rewrite the base again")

@@ -99,21 +99,23 @@ class Row:
     expected: str | None = None
 
 
-def question_rows(tok, adapters: list[str], per_adapter: int) -> list[Row]:
-    """`per_adapter` general questions (chat template) for each adapter, then one for the base."""
+def question_rows(tok, adapters: list[str], per_adapter: int, base_row: bool = True) -> list[Row]:
+    """`per_adapter` general questions (chat template) for each adapter, then (`base_row`) one
+    for the base."""
     fmt, _ = chat_format(tok)
-    names = [a for a in adapters for _ in range(per_adapter)] + [BASE]
+    names = [a for a in adapters for _ in range(per_adapter)] + ([BASE] if base_row else [])
     texts = [QUESTIONS[i % len(QUESTIONS)] for i in range(len(names))]
     return [Row(n, t, tok.encode(fmt.render([("user", t)]))) for n, t in zip(names, texts, strict=True)]
 
 
 def task_rows(tok, adapter: str, task: str, per_adapter: int) -> list[Row]:
     """The first `per_adapter` held-out examples of a built-in task (`finetune.py`'s default
-    split: 400 train, 100 held out, seed 0), in that task's prompt, with their answers."""
-    from examples.finetune import TASKS
+    split), in that task's prompt, with their answers."""
+    from examples.finetune import TASKS, FinetuneConfig
     from examples.task import CHATML, prompt
 
-    _, held_out = TASKS[task].make_splits(400, 100, 0)
+    split = FinetuneConfig()
+    _, held_out = TASKS[task].make_splits(split.n_train, split.n_eval, split.seed)
     return [Row(adapter, ex.source or ex.turns[-1][1], tok.encode(prompt(ex, (), CHATML)), ex.answer)
             for ex in held_out[:per_adapter]]
 
@@ -123,7 +125,7 @@ def check_trained(folders: list[tuple[str, Path]]) -> dict[str, str | None]:
     ValueError, before anything loads, for a folder this server's shared NF4 base cannot serve."""
     from examples.answer import read_prompt_file
     from examples.finetune import TASKS
-    from lora import LoRAConfig, read_adapter
+    from examples.methods import lora_config_of
     from lora.config import rewrites_base
 
     if len({name for name, _ in folders}) != len(folders):
@@ -133,9 +135,7 @@ def check_trained(folders: list[tuple[str, Path]]) -> dict[str, str | None]:
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"--adapter {name}: folder not found: {folder}")
         method, task, bits = read_prompt_file(folder, TASKS)
-        config, _ = read_adapter(folder)
-        if not isinstance(config, LoRAConfig):
-            raise ValueError(f"--adapter {name}: {folder} is not a LoRA adapter")
+        config = lora_config_of(folder, f"--adapter {name} takes LoRA adapters only")
         if rewrites_base(config.init):
             raise ValueError(f"--adapter {name}: init={config.init!r} rewrote the base it was trained on, so it "
                              "cannot share the NF4 base with other adapters; answer with it alone "
@@ -377,8 +377,8 @@ def main(argv=None) -> int:
         for name, folder in a.adapter:
             load_adapter(model, folder, adapter_name=name)
             rows += (task_rows(tok, name, tasks[name], a.per_adapter) if tasks[name] is not None
-                     else question_rows(tok, [name], a.per_adapter)[:-1])
-        rows += question_rows(tok, [], 1)  # one base row
+                     else question_rows(tok, [name], a.per_adapter, base_row=False))
+        rows += question_rows(tok, [], 0)  # one base row
     else:
         names = [f"task{i}" for i in range(a.random)]
         add_random_adapters(model, names)

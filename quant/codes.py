@@ -17,13 +17,17 @@ import torch
 NF4_OFFSET = 0.9677083
 
 
+def _check_bits(bits) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
+
+
 def centered_offset(bits: int) -> float:
     """QLoRA's construction of the NF4 offset carried to `bits` bits: the mean of
     `1 - 1/(2(2^k - 1))` and `1 - 1/(2 * 2^k)` (0.9333 for 3 bits, 0.8542 for 2; 0.9677 for 4).
     This project's NF3/NF2 used it before revision 2 of their code books (`CODE_REVISION`);
     pass it as `normal_float_code(bits, offset=centered_offset(bits))` to study that code."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
+    _check_bits(bits)
     k = 2**bits
     return 0.5 * ((1 - 1 / (2 * (k - 1))) + (1 - 1 / (2 * k)))
 
@@ -67,8 +71,7 @@ def normal_float_code(bits: int = 4, offset: float | None = None) -> torch.Tenso
     Returns:
         `(2**bits,)` float32 tensor, ascending, with `code[2**(bits-1) - 1] == 0`.
     """
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
+    _check_bits(bits)
     if offset is None:
         offset = NF4_OFFSET
     if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not 0.5 < offset < 1.0:

@@ -38,7 +38,7 @@ LOCK_NAME = ".lock"  # flock target inside each adapter folder (see lora.files)
 PREFIX = "base_model.model."
 META_CONFIG = "loralab.adapter_config"  # safetensors metadata: the config text saved with these weights
 META_REPLACES = "loralab.replaces_config_sha256"  # ... and the hash of the config.json it replaced
-META_BASE = "loralab.base_formats"  # JSON {layer path: its base's 4-bit format tag} (rewriting inits)
+META_BASE = "loralab.base_formats"  # JSON {layer path: its base's 4-bit format tag or "dense"} (LoRA files)
 MAX_CONFIG_BYTES = 1 << 20  # a real adapter_config.json is a few KiB; more is a broken or hostile file
 READ_ATTEMPTS = 3  # re-reads when a writer that does not lock changes the folder under a read
 
