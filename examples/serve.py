@@ -126,12 +126,13 @@ def check_trained(folders: list[tuple[str, Path]]) -> dict[str, str | None]:
     from examples.answer import read_prompt_file
     from examples.finetune import TASKS
     from examples.methods import lora_config_of
-    from lora.config import rewrites_base
+    from lora.config import check_adapter_name, rewrites_base
 
     if len({name for name, _ in folders}) != len(folders):
         raise ValueError(f"--adapter names must be distinct, got {[name for name, _ in folders]}")
     tasks = {}
     for name, folder in folders:
+        check_adapter_name(name, f"--adapter {name!r}: NAME")
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"--adapter {name}: folder not found: {folder}")
         method, task, bits = read_prompt_file(folder, TASKS)

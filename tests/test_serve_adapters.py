@@ -53,7 +53,9 @@ def test_adapters_the_shared_base_cannot_serve_are_refused_before_loading(traine
     cases = [([f"a={nf3}"], "trained on an NF3 base"),
              ([f"a={trained['pissa']}"], "init='pissa' rewrote the base"),
              ([f"a={trained['extract']}", f"a={trained['route']}"], "names must be distinct"),
-             ([f"a={trained['tmp'] / 'missing'}"], "folder not found")]
+             ([f"a={trained['tmp'] / 'missing'}"], "folder not found"),
+             ([f"__base__={trained['extract']}"], "'__base__' is reserved"),
+             ([f"../x={trained['extract']}"], "one safe folder name")]
     for specs, message in cases:
         argv = [x for spec in specs for x in ("--adapter", spec)]
         assert serve.main(argv) == 2
