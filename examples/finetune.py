@@ -1,11 +1,11 @@
 """QLoRA fine-tuning of SmolLM2-135M-Instruct on the CPU, end to end.
 
     python examples/finetune.py                  # the demo: --method qlora on the "extract" task
-    python examples/finetune.py --task route     # a task whose content must be learnt
+    python examples/finetune.py --task route     # a task whose content must be learnt (runs/route)
     python examples/finetune.py --method lora    # bf16/fp32 base instead of NF4
     python examples/finetune.py --bits 3 --init loftq  # NF3 base, LoftQ start (docs/06-starting-points.md)
     python examples/finetune.py --compare        # every method on the same task and budget
-    python examples/finetune.py --data my.jsonl  # your own examples (see owndata.py)
+    python examples/finetune.py --data my.jsonl  # your own examples (see owndata.py; runs/own_data)
     python examples/finetune.py --generate "text" --adapter runs/finetune/adapter
 
 The demo loads the model from its GGUF file (or a Hugging Face safetensors folder),
@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each block in backward instead of keeping its activations")
     p.add_argument("--no-reload", action="store_true", help="skip the save/reload check")
-    p.add_argument("--out", default=None, help="output folder (default runs/finetune or runs/compare)")
+    p.add_argument("--out", default=None, help="output folder (default: runs/finetune for the default "
+                   "task, runs/<task> for another task, runs/own_data with --data, runs/compare)")
     p.add_argument("--gguf", "--model", dest="gguf", default=None,
                    help="a Llama-architecture GGUF file, or a Hugging Face folder with config.json, "
                         "model.safetensors and tokenizer.json")
@@ -288,6 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None, help="with --compare: which methods")
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)  # --compare's worker output
     return p
+
+
+def default_out(args: argparse.Namespace) -> str:
+    """Each kind of run gets its own folder, so training on another task or on your data does
+    not overwrite the adapter `make demo` saved in runs/finetune."""
+    if args.compare:
+        return "runs/compare"
+    if args.data is not None:
+        return "runs/own_data"
+    return FinetuneConfig.out if args.task == FinetuneConfig.task else f"runs/{args.task}"
 
 
 def parse_args(argv=None) -> tuple[FinetuneConfig, argparse.Namespace]:
@@ -316,7 +327,7 @@ def parse_args(argv=None) -> tuple[FinetuneConfig, argparse.Namespace]:
                          alpha=args.alpha, dropout=args.dropout, compute_dtype=args.compute_dtype,
                          init=args.init, bits=args.bits,
                          reload=not args.no_reload, grad_checkpointing=args.grad_checkpointing,
-                         out=args.out or ("runs/compare" if args.compare else "runs/finetune"),
+                         out=args.out or default_out(args),
                          gguf=args.gguf, **{n: getattr(args, n) for n in (
                              "batch_size", "r", "n_train", "n_eval", "shots",
                              "eval_batch", "threads", "seed", "show")})

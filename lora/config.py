@@ -25,7 +25,7 @@ ALL_LINEAR = "all-linear"
 
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]{1,128}")  # one safe path component: names become folder names
-RESERVED_NAME = "__base__"  # a mixed batch's row name for "no adapter" (lora/row_batch.py BASE)
+RESERVED_NAME = "__base__"  # a mixed batch's row name for "no adapter" (PEFT's name, lora/row_batch.py)
 
 
 def check_adapter_name(adapter_name, name: str = "adapter_name") -> str:

@@ -2,8 +2,8 @@
 per-segment low-rank products on the CPU or the segmented Triton kernels on CUDA, and the
 checks. The model-level API (`use_adapters`, `enable_adapter_names`) and the math are
 described in `lora/mixed_batch.py`; this module imports only `lora/row_segments.py` (the
-batched PyTorch path, which imports nothing from `lora`), so the layers can call it without
-an import cycle.
+batched PyTorch path, which imports nothing from `lora`) and the reserved row name from
+`lora/config.py`, so the layers can call it without an import cycle.
 """
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import RESERVED_NAME as BASE  # the row name that means "no adapter" (PEFT's name)
 from .row_segments import ChunkLayout, SegmentedLoRAUpdate, add_update_, make_layout, stack_weights
-
-BASE = "__base__"  # the row name that means "no adapter" (PEFT's name)
 
 
 @dataclass(frozen=True)

@@ -163,3 +163,17 @@ def test_prompt_tuning_method_trains_only_the_soft_prompt_and_generates_with_it(
     assert result.losses[-1] < result.losses[0]
     assert not torch.equal(wrapped.prompt.prompt_embeddings, before)
     assert torch.equal(model.model.embed_tokens.weight, frozen)
+
+
+@pytest.mark.parametrize("argv, out", [
+    ([], "runs/finetune"),  # make demo's folder
+    (["--method", "lora"], "runs/finetune"),
+    (["--task", "route"], "runs/route"),
+    (["--data", "my.jsonl"], "runs/own_data"),
+    (["--compare"], "runs/compare"),
+    (["--task", "route", "--out", "elsewhere"], "elsewhere"),
+])
+def test_each_kind_of_run_has_its_own_default_folder(argv, out):
+    """Training on another task or on your own file must not overwrite the demo's adapter."""
+    cfg, _ = finetune.parse_args(argv)
+    assert cfg.out == out
