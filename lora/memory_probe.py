@@ -66,6 +66,9 @@ def memory_usage() -> dict[str, int]:
             out["rss"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         out["rss"] = out["peak_rss"]
+    # The kernel keeps its rss counters per CPU and folds them in lazily, so ru_maxrss can lag
+    # the statm figure read a moment later by a few hundred KB; a peak is never below now.
+    out["peak_rss"] = max(out["peak_rss"], out["rss"])
     if torch.cuda.is_available():
         out["gpu_allocated"] = torch.cuda.memory_allocated()
         out["gpu_peak_allocated"] = torch.cuda.max_memory_allocated()
